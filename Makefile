@@ -1,0 +1,23 @@
+# The two commands: `make test` and (from the MAFT-loop issue on) `make demo`.
+# Both bootstrap .venv from the requirements files when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+
+.PHONY: test venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""Shared by the entry points: load a population from a HF dir or a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from maft_jax import checkpoint, hf, population
+from maft_jax.model import ModelConfig, Params
+from maft_jax.tokenizer import Tokenizer, check_fits
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  pop: Params
+  cfg: ModelConfig
+  tokenizer: Tokenizer
+  hf_config: dict
+  source_dtype: str
+
+
+def load(*, hf_dir: str | None, checkpoint_dir: str | None, agents: int | None,
+         dtype: str, param_dtype: str | None = None) -> Loaded:
+  """Exactly one of hf_dir / checkpoint_dir. From a HF dir, `agents` copies
+  (default 1); from a checkpoint, its agents (or the first `agents`)."""
+  if (hf_dir is None) == (checkpoint_dir is None):
+    raise ValueError("give exactly one of --hf_dir or --checkpoint")
+  if hf_dir is not None:
+    m = hf.load(hf_dir, dtype=dtype, param_dtype=param_dtype or "float32")
+    tok = Tokenizer(hf_dir)
+    check_fits(tok, m.cfg.vocab_size, hf_dir)
+    pop = population.replicate(m.params, agents or 1)
+    return Loaded(pop, m.cfg, tok, m.hf_config, m.source_dtype)
+  overrides = {"dtype": dtype}
+  if param_dtype:
+    overrides["param_dtype"] = param_dtype
+  pop, meta = checkpoint.load_population(checkpoint_dir, **overrides)
+  if agents is not None:
+    if not 1 <= agents <= meta.num_agents:
+      raise ValueError(f"--agents={agents}: the checkpoint has {meta.num_agents} agents")
+    pop = population.stack(population.unstack(pop)[:agents])
+  tok = Tokenizer(checkpoint.tokenizer_dir(checkpoint_dir))
+  return Loaded(pop, meta.cfg, tok, meta.hf_config, meta.source_dtype)

@@ -1,0 +1,112 @@
+"""Mesh construction and the logical-axis rule table.
+
+Every array the program touches carries logical axis names (`model.param_axes`,
+`population.axes`, `model.cache_axes`); one rule table maps them onto the mesh
+axes ('agent', 'data', 'fsdp', 'tensor'). A mesh axis that does not divide a
+dimension is dropped for that array (replicated instead), so tiny test models
+and odd head counts still shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("agent", "data", "fsdp", "tensor")
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("agent", "agent"),
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+    ("cache_len", None),
+)
+
+
+class MeshError(ValueError):
+  pass
+
+
+def mesh_shape(sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolve axis sizes (one may be -1) against the device count."""
+  if isinstance(sizes, Mapping):
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+      raise MeshError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+    sizes = [sizes.get(a, 1) for a in MESH_AXES]
+  sizes = [int(s) for s in sizes]
+  if len(sizes) != len(MESH_AXES):
+    raise MeshError(f"mesh needs {len(MESH_AXES)} sizes for {MESH_AXES}, got {sizes}")
+  named = dict(zip(MESH_AXES, sizes))
+  fill = [a for a, s in named.items() if s == -1]
+  if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh sizes {named}: each must be positive, at most one may be -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if fill:
+    if num_devices % known:
+      raise MeshError(f"mesh sizes {named} cannot fill {num_devices} devices: "
+                      f"{num_devices} is not a multiple of {known}")
+    named[fill[0]] = num_devices // known
+  total = int(np.prod(list(named.values())))
+  if total != num_devices:
+    raise MeshError(f"mesh sizes {named} multiply to {total}, but there are "
+                    f"{num_devices} devices")
+  return tuple(named[a] for a in MESH_AXES)
+
+
+def make_mesh(sizes: Mapping[str, int] | Sequence[int] = (1, 1, -1, 1), devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (AssertionError, ValueError, NotImplementedError):
+    grid = np.array(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for one array; mesh axes that do not divide are dropped."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    target = table.get(name) if name is not None else None
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    chosen = []
+    for mesh_axis in targets:
+      size = mesh.shape[mesh_axis]
+      prod = int(np.prod([mesh.shape[a] for a in chosen])) * size
+      if mesh_axis in used or size == 1 or dim % prod:
+        continue
+      chosen.append(mesh_axis)
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
+
+
+def shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(
+      lambda a, s: NamedSharding(mesh, logical_to_spec(a, s.shape, mesh, rules)),
+      axes_tree, shapes_tree, is_leaf=_is_axes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,34 @@
+"""Test set-up: 8 fake CPU devices, and tiny HF models/tokenizers built here.
+
+Nothing is downloaded: each family's model is a transformers config saved
+with random weights, and the tokenizer is a small BPE trained on the spot.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests import hf_fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  return hf_fixtures.make_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory, tokenizer_dir):
+  """family -> directory of a tiny float32 HF model (built lazily, once)."""
+  cache = {}
+
+  def get(family):
+    if family not in cache:
+      cache[family] = hf_fixtures.make_model(
+          family, str(tmp_path_factory.mktemp(family)), tokenizer_dir)
+    return cache[family]
+  return get

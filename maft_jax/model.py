@@ -26,6 +26,7 @@ convention) and packed rows restart at 0 per segment.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -171,6 +172,7 @@ def param_axes(cfg: ModelConfig) -> Params:
   return _nest({n: a for n, (_, a, _) in _param_table(cfg).items()})
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "init_std"))
 def init_params(cfg: ModelConfig, key: jax.Array, *, init_std: float = 0.02) -> Params:
   """Random init (normal(0, init_std) matrices, as HF's initializer_range)."""
   table = _param_table(cfg)

@@ -7,6 +7,8 @@ on a hot path: `forward` is one vmapped program for every agent at once.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,7 @@ def replicate(params: Params, num: int) -> Params:
   return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x)[None], (num,) + x.shape), params)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "num", "independent"))
 def init(cfg: ModelConfig, key: jax.Array, num: int, *, independent: bool = True) -> Params:
   """Random population: independent inits (agent i from fold_in(key, i)) or
   `num` copies of the init from `key`."""

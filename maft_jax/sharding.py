@@ -108,5 +108,12 @@ def shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
       axes_tree, shapes_tree, is_leaf=_is_axes)
 
 
+def use_mesh(mesh: Mesh):
+  """Context that makes `mesh` current (needed by vmap's spmd_axis_name)."""
+  if hasattr(jax, "set_mesh"):
+    return jax.set_mesh(mesh)
+  return mesh
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,78 @@
+"""launch.sample: greedy equals transformers' greedy generate; JSONL format."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import cli
+
+PROMPTS = ["The quick brown fox", "Alice has 3 apples and", "What is 12 + 7"]
+
+
+def hf_greedy(hf_dir, prompts, max_new_tokens):
+  import torch
+  import transformers as tf
+  tok = tf.AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
+  model = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                  attn_implementation="eager")
+  enc = tok(prompts, return_tensors="pt", padding=True)
+  with torch.no_grad():
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+  rows = []
+  for row in out[:, enc["input_ids"].shape[1]:].tolist():
+    if tok.eos_token_id in row:
+      row = row[:row.index(tok.eos_token_id) + 1]
+    rows.append(row)
+  return rows
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_equals_transformers_generate(family, hf_models, tmp_path):
+  hf_dir = hf_models(family)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+  out = tmp_path / "out.jsonl"
+  cli.run("sample", f"--hf_dir={hf_dir}", f"--prompts={prompts}", "--max_new_tokens=12",
+          "--temperature=0", "--agents=2", "--dtype=float32", f"--output={out}")
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert len(lines) == 2 * len(PROMPTS)
+  expected = hf_greedy(hf_dir, PROMPTS, 12)
+  for line in lines:
+    assert set(line) == {"agent", "prompt_index", "sample_index", "text", "token_ids"}
+    assert line["token_ids"] == expected[line["prompt_index"]], line
+
+
+def test_sampling_from_checkpoint(hf_models, tmp_path):
+  ckpt = str(tmp_path / "ckpt")
+  cli.run("import_hf", f"--hf_dir={hf_models('llama')}", f"--out={ckpt}", "--agents=3")
+  proc = cli.run("sample", f"--checkpoint={ckpt}", "--prompt=The quick", "--max_new_tokens=6",
+                 "--temperature=0.9", "--top_p=0.9", "--top_k=20", "--num_samples=4", "--seed=3",
+                 "--agents=2")
+  lines = [json.loads(l) for l in proc.stdout.splitlines()]
+  assert [(l["agent"], l["prompt_index"], l["sample_index"]) for l in lines] == [
+      (a, 0, s) for a in range(2) for s in range(4)]
+  assert all(1 <= len(l["token_ids"]) <= 6 for l in lines)
+  # Different agents draw from different streams.
+  assert [l["token_ids"] for l in lines[:4]] != [l["token_ids"] for l in lines[4:]]
+
+
+def test_malformed_prompt_file_names_line(hf_models, tmp_path):
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+  proc = cli.run("sample", f"--hf_dir={hf_models('llama')}", f"--prompts={prompts}",
+                 "--max_new_tokens=2", check=False)
+  assert proc.returncode != 0 and f"{prompts}:2:" in proc.stderr
+
+
+def test_library_never_imports_torch(hf_models):
+  import subprocess
+  import sys
+  code = ("import sys, jax; from launch import common, sample; "
+          "from maft_jax import checkpoint, hf, model, population, sampling, sharding, presets; "
+          f"l = common.load(hf_dir={hf_models('gemma')!r}, checkpoint_dir=None, agents=2, "
+          "dtype='float32'); l.tokenizer.encode('hi'); "
+          "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=cli.ROOT,
+                 env={**__import__("os").environ, "PYTHONPATH": cli.ROOT})

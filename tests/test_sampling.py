@@ -1,0 +1,108 @@
+"""Sampling methods draw from the intended distributions; agents are independent."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from maft_jax import model, population, sampling
+
+LOGITS = np.log(np.array([0.35, 0.25, 0.2, 0.1, 0.06, 0.04]))
+
+
+def _expected(method):
+  p = np.exp(LOGITS - LOGITS.max())
+  if isinstance(method, sampling.Chain):
+    steps = method.steps
+  else:
+    steps = (method,)
+  for step in steps:
+    if isinstance(step, sampling.Temperature):
+      p = p ** (1.0 / step.temperature)
+    elif isinstance(step, sampling.TopK):
+      p = np.where(p >= np.sort(p)[::-1][step.k - 1], p, 0.0)
+    elif isinstance(step, sampling.TopP):
+      q = p / p.sum()
+      order = np.argsort(-q)
+      before = np.cumsum(q[order]) - q[order]
+      keep = np.zeros_like(q, bool)
+      keep[order] = before < step.p
+      p = np.where(keep, p, 0.0)
+    elif isinstance(step, sampling.MinP):
+      q = p / p.sum()
+      p = np.where(q >= step.p * q.max(), p, 0.0)
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("method", [
+    sampling.Temperature(1.0),
+    sampling.Temperature(0.5),
+    sampling.Chain((sampling.Temperature(1.0), sampling.TopK(3))),
+    # Mass before the 3rd token 0.60 < 0.75 <= 0.80 before the 4th: exactly three
+    # tokens are kept; an off-by-one in the nucleus keeps 2 or 4.
+    sampling.Chain((sampling.Temperature(1.0), sampling.TopP(0.75))),
+    sampling.Chain((sampling.Temperature(1.0), sampling.MinP(0.5))),
+    sampling.Chain((sampling.Temperature(2.0), sampling.TopK(5), sampling.TopP(0.9))),
+])
+def test_empirical_frequencies_match(method):
+  n = 40_000
+  draw = jax.jit(jax.vmap(lambda k: sampling.draw(method, jnp.asarray(LOGITS)[None], k)[0]))
+  tokens = np.asarray(draw(jax.random.split(jax.random.key(0), n)))
+  counts = np.bincount(tokens, minlength=len(LOGITS))
+  expected = _expected(method)
+  assert np.all(counts[expected == 0] == 0), (counts, expected)
+  support = expected > 0
+  _, pvalue = stats.chisquare(counts[support], n * expected[support])
+  assert pvalue > 1e-3, (counts, n * expected)
+
+
+def test_greedy_is_argmax_and_flags():
+  assert isinstance(sampling.from_flags(temperature=0), sampling.Greedy)
+  tok = sampling.draw(sampling.Greedy(), jnp.asarray(LOGITS)[None], jax.random.key(0))
+  assert int(tok[0]) == 0
+  m = sampling.from_flags(temperature=0.7, top_k=4, top_p=0.9)
+  assert m == sampling.Chain((sampling.Temperature(0.7), sampling.TopK(4), sampling.TopP(0.9)))
+  with pytest.raises(ValueError, match="TopP.p"):
+    sampling.TopP(0.0)
+
+
+CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
+def test_agent_alone_equals_agent_in_population():
+  pop = population.init(CFG, jax.random.key(0), 3)
+  rng = np.random.default_rng(0)
+  tokens, mask = sampling.left_pad([list(rng.integers(1, 64, n)) for n in (5, 3, 7)], pad_id=0)
+  method = sampling.Chain((sampling.Temperature(1.0), sampling.TopP(0.95)))
+  kw = dict(cfg=CFG, method=method, max_new_tokens=8, stop_ids=(), pad_id=0)
+  key = jax.random.key(7)
+  both = sampling.sample(pop, tokens, mask, key, **kw)
+  assert both.tokens.shape == (3, 3, 8)
+  # Different agents draw from different streams.
+  assert not np.array_equal(both.tokens[0], both.tokens[1])
+  # Agent 2 alone (slot 0 of a 1-agent population) equals agent 2 moved to slot
+  # 0 of the 3-agent population: a row depends on its slot's key and weights only.
+  solo = sampling.sample(population.stack([population.select(pop, 2)]), tokens, mask, key, **kw)
+  moved = sampling.sample(population.stack([population.select(pop, i) for i in (2, 0, 1)]),
+                          tokens, mask, key, **kw)
+  np.testing.assert_array_equal(solo.tokens[0], moved.tokens[0])
+  np.testing.assert_allclose(solo.logprobs[0], moved.logprobs[0], atol=1e-5)
+
+
+def test_greedy_sample_equals_stepwise_argmax_of_full_forward():
+  params = model.init_params(CFG, jax.random.key(1))
+  prompt = [5, 9, 2, 17]
+  tokens, mask = sampling.left_pad([prompt], pad_id=0)
+  out = sampling.sample(population.stack([params]), tokens, mask, jax.random.key(0), cfg=CFG,
+                        method=sampling.Greedy(), max_new_tokens=6)
+  # Attention is causal, so one fixed-length buffer (one compile) serves every
+  # step: the logits at position n-1 ignore the zeros after it.
+  fwd = jax.jit(lambda t: model.forward(params, t, cfg=CFG)[0])
+  seq = list(prompt)
+  for _ in range(6):
+    logits = fwd(jnp.asarray([seq + [0] * (10 - len(seq))]))
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+  assert np.asarray(out.tokens[0, 0]).tolist() == seq[len(prompt):]
+  assert int(out.lengths[0, 0]) == 6

@@ -1,0 +1,119 @@
+"""The task interface: problems, answer keys, verification, prompts.
+
+`Task.problems(split)` returns `Problem`s with stable ids. The train /
+held-out split is decided by a hash of the id alone, so it is disjoint by
+problem id and identical across runs, processes and machines: we never
+evaluate on a training problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+SPLITS = ("train", "test", "all")
+
+
+class TaskError(ValueError):
+  """Bad task data or options; the message names the file, line or field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  id: str
+  question: str
+  reference: str           # the reference answer key (canonical) or reference text
+  fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def held_out(problem_id: str, fraction: float) -> bool:
+  """Deterministic membership of the held-out split, by id only."""
+  digest = hashlib.sha256(problem_id.encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_problems(problems: list[Problem], split: str, fraction: float) -> list[Problem]:
+  if split not in SPLITS:
+    raise TaskError(f"split {split!r}; splits are {SPLITS}")
+  ids = [p.id for p in problems]
+  if len(set(ids)) != len(ids):
+    dup = next(i for i in ids if ids.count(i) > 1)
+    raise TaskError(f"problem id {dup!r} occurs more than once")
+  if split == "all":
+    out = problems
+  else:
+    out = [p for p in problems if held_out(p.id, fraction) == (split == "test")]
+  if not out:
+    raise TaskError(f"the {split!r} split is empty ({len(problems)} problems, "
+                    f"held-out fraction {fraction})")
+  return out
+
+
+class Task:
+  """Base class. Subclasses set `name` and implement `_all_problems`,
+  `extract_answer` and (optionally) `is_correct`."""
+
+  name = "task"
+  answer_format = "a single number"
+
+  def __init__(self, *, test_fraction: float = 0.2):
+    if not 0 < test_fraction < 1:
+      raise TaskError(f"test_fraction={test_fraction} must be in (0, 1)")
+    self.test_fraction = test_fraction
+    self._cache: list[Problem] | None = None
+
+  def _all_problems(self) -> list[Problem]:
+    raise NotImplementedError
+
+  def problems(self, split: str = "train") -> list[Problem]:
+    if self._cache is None:
+      self._cache = self._all_problems()
+    return split_problems(self._cache, split, self.test_fraction)
+
+  def extract_answer(self, text: str) -> str | None:
+    raise NotImplementedError
+
+  def is_correct(self, text: str, problem: Problem) -> bool:
+    key = self.extract_answer(text)
+    return key is not None and key == problem.reference
+
+
+def read_jsonl(path: str, *, on_bad_record: str = "error") -> Iterator[tuple[int, dict]]:
+  """(line number, record) for each non-blank line. A malformed line fails
+  naming file and line, or with on_bad_record="skip" is skipped and counted."""
+  if on_bad_record not in ("error", "skip"):
+    raise TaskError(f"on_bad_record={on_bad_record!r}: 'error' or 'skip'")
+  if not os.path.isfile(path):
+    raise TaskError(f"{path}: no such file")
+  skipped = 0
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if not isinstance(record, dict):
+          raise ValueError("not a JSON object")
+      except ValueError as e:
+        if on_bad_record == "skip":
+          skipped += 1
+          continue
+        raise TaskError(f"{path}:{lineno}: malformed record ({e})") from None
+      yield lineno, record
+  if skipped:
+    logging.warning("%s: skipped %d malformed line(s) (on_bad_record='skip')", path, skipped)
+
+
+def require(record: Mapping[str, Any], field: str, where: str, kind=str):
+  if field not in record:
+    raise TaskError(f"{where}: missing field {field!r} (fields: {sorted(record)})")
+  value = record[field]
+  if not isinstance(value, kind):
+    raise TaskError(f"{where}: field {field!r} must be {kind.__name__}, got "
+                    f"{type(value).__name__}")
+  return value

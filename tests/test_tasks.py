@@ -1,0 +1,132 @@
+"""Tasks: answer keys, verification, splits, prompts, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from maft_jax import tasks
+from maft_jax.tasks import answers, arithmetic, prompts
+from maft_jax.tasks.base import TaskError
+
+# (response text, expected key): the tricky cases.
+NUMERIC = [
+    (r"so the answer is \boxed{\frac{1}{2}}", "1/2"),
+    ("0.5", "1/2"),
+    (r"\boxed{\dfrac{3}{6}}", "1/2"),
+    ("1/2", "1/2"),
+    (r"\boxed{1,000}", "1000"),
+    ("The total is 1000.", "1000"),
+    (r"\boxed{1{,}000}", "1000"),
+    ("$18.00", "18"),
+    (r"\boxed{\$18}", "18"),
+    (r"\boxed{18 dollars}", "18"),
+    ("It costs -$5.", "-5"),
+    (r"\boxed{-0.50}", "-1/2"),
+    (r"\boxed{7.0}", "7"),
+    (r"first \boxed{3}, on reflection \boxed{4}", "4"),            # several boxes: last wins
+    (r"\boxed{\text{a } \boxed{12}} then \boxed{\text{13}}", "13"),  # nested braces
+    (r"\boxed{x + 1}", None),                                        # not a number
+    ("no numbers here", None),
+    ("", None),
+    ("1,2", None),                                                   # a list, not 12
+]
+
+
+@pytest.mark.parametrize("text,key", NUMERIC)
+def test_numeric_answer_table(text, key):
+  assert answers.numeric_answer(text) == key
+
+
+def test_boxed_contents_balances_braces():
+  assert answers.boxed_contents(r"\boxed{\frac{a}{b}} x \boxed{{1}}") == [r"\frac{a}{b}", "{1}"]
+  assert answers.last_boxed(r"\boxed{unclosed") is None
+
+
+@given(seed=st.integers(0, 2**31 - 1), index=st.integers(0, 10**6))
+@settings(max_examples=200, deadline=None)
+def test_arithmetic_generator_and_checker(seed, index):
+  p = arithmetic.make_problem(seed, index)
+  a, b, c, d, e, f = p.fields["operands"]
+  assert all(0 <= x <= 30 for x in (a, b, c, d, e, f))
+  assert p.question == f"What is the result of {a}+{b}*{c}+{d}-{e}*{f}?"
+  value = a + b * c + d - e * f
+  assert p.reference == str(value)
+  task = tasks.load("arithmetic", size=1, seed=seed)
+  assert task.is_correct(f"... so \\boxed{{{value}}}", p)
+  assert task.is_correct(f"The answer is {value}.", p)
+  assert not task.is_correct(f"\\boxed{{{value + 1}}}", p)
+  assert not task.is_correct("I don't know", p)
+  assert arithmetic.make_problem(seed, index) == p  # deterministic
+
+
+def test_splits_disjoint_stable_and_same_in_another_process():
+  task = tasks.load("arithmetic", size=500, seed=3)
+  train, test = task.problems("train"), task.problems("test")
+  assert {p.id for p in train}.isdisjoint({p.id for p in test})
+  assert len(train) + len(test) == 500 and 60 < len(test) < 140
+  code = ("from maft_jax import tasks; import json; "
+          "print(json.dumps([p.id for p in tasks.load('arithmetic', size=500, seed=3)"
+          ".problems('test')]))")
+  other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert json.loads(other.stdout) == [p.id for p in test]
+  # Growing the problem set never moves an existing problem across splits.
+  bigger = {p.id for p in tasks.load("arithmetic", size=800, seed=3).problems("test")}
+  assert {p.id for p in test} <= bigger
+
+
+def _gsm8k_file(tmp_path, lines):
+  path = tmp_path / "gsm8k.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+GOOD = [json.dumps({"question": f"Q{i}: what is {i}+{i}?",
+                    "answer": f"{i}+{i}={2 * i}\n#### {2 * i:,}"}) for i in range(400, 440)]
+
+
+def test_gsm8k_loads_and_verifies(tmp_path):
+  task = tasks.load("gsm8k", path=_gsm8k_file(tmp_path, GOOD), test_fraction=0.5)
+  problems = task.problems("all")
+  assert len(problems) == 40 and problems[0].reference == "800"
+  assert task.is_correct(r"... \boxed{800}", problems[0])
+  assert task.is_correct("so that's $800.00 in total", problems[0])
+  assert not task.is_correct(r"\boxed{801}", problems[0])
+
+
+def test_gsm8k_bad_records(tmp_path):
+  bad = GOOD[:3] + ['{"question": "broken', json.dumps({"question": "no answer"})] + GOOD[3:]
+  path = _gsm8k_file(tmp_path, bad)
+  with pytest.raises(TaskError, match=f"{path}:4: malformed record"):
+    tasks.load("gsm8k", path=path).problems("all")
+  fixed = bad[:3] + bad[4:]
+  path2 = _gsm8k_file(tmp_path, fixed)
+  with pytest.raises(TaskError, match=r"gsm8k.jsonl:4: missing field 'answer'"):
+    tasks.load("gsm8k", path=path2).problems("all")
+  task = tasks.load("gsm8k", path=path, on_bad_record="skip")
+  assert len(task.problems("all")) == 40 and task.skipped == 1  # json skipped in read_jsonl
+  with pytest.raises(TaskError, match="split is empty"):
+    tasks.load("gsm8k", path=_gsm8k_file(tmp_path, GOOD[:1]), test_fraction=0.01).problems("test")
+
+
+def test_unknown_task_and_option():
+  with pytest.raises(TaskError, match="unknown task 'nope'; tasks: arithmetic, gsm8k"):
+    tasks.load("nope")
+  with pytest.raises(TaskError, match="unexpected keyword argument 'colour'"):
+    tasks.load("arithmetic", colour=1)
+
+
+def test_prompts(tokenizer_dir):
+  from maft_jax.tokenizer import Tokenizer
+  p = arithmetic.make_problem(0, 0)
+  r1 = prompts.round1(p)
+  assert p.question in r1[0]["content"] and "\\boxed{answer}" in r1[0]["content"]
+  r2 = prompts.debate_round(p, own="I think 3", others=["agent says 4", "agent says 5"])
+  assert r2[1] == {"role": "assistant", "content": "I think 3"}
+  assert r2[2]["content"].count("One agent solution:") == 2
+  text, special = prompts.to_text(r2, Tokenizer(tokenizer_dir))
+  assert not special and text.endswith("assistant:") and "agent says 5" in text
+  plain, special = prompts.to_text(r1)
+  assert special and plain.startswith("Can you solve")

@@ -9,11 +9,11 @@ PY := $(VENV)/bin/python
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-tasks.txt -r requirements-test.txt
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -112,7 +112,7 @@ def test_gsm8k_bad_records(tmp_path):
 
 
 def test_unknown_task_and_option():
-  with pytest.raises(TaskError, match="unknown task 'nope'; tasks: arithmetic, gsm8k"):
+  with pytest.raises(TaskError, match="unknown task 'nope'; tasks: arithmetic, gsm8k, math"):
     tasks.load("nope")
   with pytest.raises(TaskError, match="unexpected keyword argument 'colour'"):
     tasks.load("arithmetic", colour=1)
@@ -130,3 +130,105 @@ def test_prompts(tokenizer_dir):
   assert not special and text.endswith("assistant:") and "agent says 5" in text
   plain, special = prompts.to_text(r1)
   assert special and plain.startswith("Can you solve")
+
+
+# --- math ---------------------------------------------------------------------
+
+MATH_RECORDS = [
+    {"problem": "Compute 1/2.", "solution": r"It is $\boxed{\frac{1}{2}}$.", "level": "Level 1",
+     "type": "Algebra"},
+    {"problem": "Simplify sqrt(8).", "solution": r"$\sqrt{8} = \boxed{2\sqrt{2}}$",
+     "level": "Level 3", "type": "Algebra"},
+    {"problem": "Solve x+1=3.", "solution": r"So $x = \boxed{2}$.", "level": "Level 5",
+     "type": "Algebra"},
+    {"problem": "Interval?", "solution": r"$\boxed{\left(1, 2\right)}$", "level": "Level ?",
+     "type": "Algebra"},
+]
+
+
+@pytest.fixture
+def math_task(tmp_path):
+  path = tmp_path / "math.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in MATH_RECORDS))
+  return tasks.load("math", path=str(path), test_fraction=0.5)
+
+
+@pytest.mark.parametrize("index,response,correct", [
+    (0, r"... \boxed{0.5}", True),
+    (0, r"... \boxed{\dfrac{1}{2}}", True),
+    (0, r"... \boxed{\frac{2}{4}}", True),
+    (0, r"\boxed{\frac{1}{2}} no wait \boxed{\frac{1}{3}}", False),  # last box wins
+    (1, r"\boxed{\sqrt{8}}", True),
+    (1, r"\boxed{2 \sqrt 2}", True),
+    (1, r"\boxed{3\sqrt{2}}", False),
+    (2, "x equals 2 but I never boxed it", False),
+    (3, r"\boxed{(1,2)}", True),
+])
+def test_math_equivalence(math_task, index, response, correct):
+  problem = math_task.problems("all")[index]
+  assert math_task.is_correct(response, problem) is correct
+
+
+def test_math_keys_levels_and_threads(math_task, tmp_path):
+  key = math_task.extract_answer
+  assert key(r"\boxed{\frac{1}{2}}") == key(r"\boxed{0.5}") == key(r"\boxed{\dfrac{1}{2}}")
+  assert key(r"\boxed{2\sqrt{2}}") != key(r"\boxed{3\sqrt{2}}")
+  assert key("nothing boxed") is None and key(r"\boxed{}") is None
+  path = tmp_path / "m.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in MATH_RECORDS))
+  assert [p.fields["level"] for p in tasks.load("math", path=str(path), levels="1,5")
+          .problems("all")] == [1, 5]
+  # math-verify's default timeout uses signals: it must work off the main thread.
+  from concurrent.futures import ThreadPoolExecutor
+  problems = math_task.problems("all")
+  with ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda p: math_task.is_correct(r"\boxed{0.5}", p), problems))
+  assert results == [True, False, False, False]
+
+
+def test_math_bad_records(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"problem": "p", "solution": "no box", "level": "Level 1"}) + "\n")
+  with pytest.raises(TaskError, match=r"bad.jsonl:1: field 'solution' has no \\boxed"):
+    tasks.load("math", path=str(path)).problems("all")
+  with pytest.raises(TaskError, match="levels are 1..5"):
+    tasks.load("math", path=str(path), levels="7")
+
+
+# --- multiple choice ------------------------------------------------------------
+
+def test_multiple_choice_jsonl_and_csv(tmp_path):
+  jl = tmp_path / "mc.jsonl"
+  jl.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": 1})
+                + "\n" + json.dumps({"question": "Sky?", "choices": ["blue", "red"],
+                                     "answer": "a"}) + "\n")
+  task = tasks.load("multiple_choice", path=str(jl))
+  p0, p1 = task.problems("all")
+  assert p0.reference == "B" and p1.reference == "A" and "B) 4" in p0.question
+  for text, key in [(r"\boxed{B}", "B"), (r"\boxed{(c)}", "C"), (r"\boxed{\text{D}}", "D"),
+                    ("The answer is (B).", "B"), ("I pick (A) ... no, (C)", "C"),
+                    ("answer: D", "D"), ("no idea", None), (r"\boxed{42}", None)]:
+    assert task.extract_answer(text) == key, text
+  assert task.is_correct(r"\boxed{B}", p0) and not task.is_correct(r"\boxed{A}", p0)
+  csv_path = tmp_path / "mmlu.csv"
+  csv_path.write_text('"What, exactly?",w,x,y,z,D\nQ2,a,b,c,d,A\n')
+  c0, c1 = tasks.load("multiple_choice", path=str(csv_path)).problems("all")
+  assert c0.reference == "D" and c0.question.startswith("What, exactly?")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "E"}) + "\n")
+  with pytest.raises(TaskError, match=r"bad.jsonl:1: field 'answer'='E' is not one of AB"):
+    tasks.load("multiple_choice", path=str(bad)).problems("all")
+
+
+# --- reasoning-gym --------------------------------------------------------------
+
+def test_reasoning_gym_uses_its_scorer():
+  task = tasks.load("reasoning_gym:basic_arithmetic", size=20, seed=1)
+  problems = task.problems("all")
+  assert len(problems) == 20 and len({p.id for p in problems}) == 20
+  p = problems[0]
+  assert task.is_correct(f"so \\boxed{{{p.reference}}}", p)
+  assert not task.is_correct(r"\boxed{not a number}", p)
+  assert not task.is_correct(p.reference, p)  # unboxed: no answer
+  with pytest.raises(TaskError, match="reasoning_gym:no_such_dataset"):
+    tasks.load("reasoning_gym:no_such_dataset")

@@ -13,12 +13,22 @@ from maft_jax.tasks.base import Problem, Task, TaskError
 _REGISTRY = {
     "arithmetic": ("maft_jax.tasks.arithmetic", "Arithmetic"),
     "gsm8k": ("maft_jax.tasks.gsm8k", "GSM8K"),
+    "math": ("maft_jax.tasks.math", "MATH"),
+    "multiple_choice": ("maft_jax.tasks.multiple_choice", "MultipleChoice"),
 }
 
 
 def load(name: str, **options) -> Task:
+  """A task by name; `reasoning_gym:<dataset>` selects any reasoning-gym dataset."""
+  if name.startswith("reasoning_gym:"):
+    from maft_jax.tasks.reasoning_gym_task import ReasoningGym
+    try:
+      return ReasoningGym(dataset=name.split(":", 1)[1], **options)
+    except TypeError as e:
+      raise TaskError(f"task {name!r}: {e}") from None
   if name not in _REGISTRY:
-    raise TaskError(f"unknown task {name!r}; tasks: {', '.join(sorted(_REGISTRY))}")
+    raise TaskError(f"unknown task {name!r}; tasks: {', '.join(sorted(_REGISTRY))}, "
+                    "reasoning_gym:<dataset>")
   import importlib
   module, cls = _REGISTRY[name]
   try:

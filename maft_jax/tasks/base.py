@@ -82,6 +82,12 @@ class Task:
     key = self.extract_answer(text)
     return key is not None and key == problem.reference
 
+  def is_correct_many(self, texts: list[str], problems: list[Problem]) -> list[bool]:
+    """Verify many responses; tasks with costly checks (code) run them in parallel."""
+    if len(texts) != len(problems):
+      raise ValueError(f"{len(texts)} responses for {len(problems)} problems")
+    return [self.is_correct(t, p) for t, p in zip(texts, problems)]
+
 
 def read_jsonl(path: str, *, on_bad_record: str = "error") -> Iterator[tuple[int, dict]]:
   """(line number, record) for each non-blank line. A malformed line fails

@@ -40,12 +40,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
         sliding_window=2047, max_position_embeddings=4096, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
-    "qwen2-0.5b": dict(
-        architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
-        intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=151643,
-        eos_token_id=151643),
     "qwen2.5-0.5b": dict(
         architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -71,6 +65,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_act="gelu", max_position_embeddings=8192, tie_word_embeddings=True,
         bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
+
+# Qwen2-0.5B (the benchmark reference) has exactly Qwen2.5-0.5B's architecture.
+PRESETS["qwen2-0.5b"] = PRESETS["qwen2.5-0.5b"]
 
 PUBLISHED_PARAMS = {
     "llama-3-8b": 8_030_261_248,

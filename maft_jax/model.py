@@ -296,12 +296,34 @@ def _attention_mask(q_seg, q_pos, k_seg, k_pos, q_slot, k_slot, cfg):
   return allowed
 
 
-def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, mask_BxTxS, kv_cache):
-  """One pre-norm block. `kv_cache` is None or (k_BxSxKxDh, v_BxSxKxDh, slot)."""
-  dt = cfg.compute_dtype
-  B, T, _ = x_BxTxD.shape
+def _attend(cfg: ModelConfig, q_BxTxHxDh, blocks):
+  """Softmax attention over one or more key blocks [(k, v, mask_BxTxS), ...],
+  normalised jointly (f32 scores), as if the blocks were concatenated."""
+  B, T = q_BxTxHxDh.shape[:2]
   K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+  q = q_BxTxHxDh.reshape(B, T, K, G, cfg.head_dim)
+  scores = [jnp.where(mask[:, None, None],
+                      jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+                      * (cfg.head_dim ** -0.5),
+                      jnp.finfo(jnp.float32).min)
+            for k, _, mask in blocks]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+  out, offset = 0.0, 0
+  for (k, v, _), sc in zip(blocks, scores):
+    width = sc.shape[-1]
+    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., offset:offset + width], v)
+    offset += width
+  return out.reshape(B, T, cfg.num_heads, cfg.head_dim)
 
+
+def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None):
+  """One pre-norm block; returns (x, (k, v)) with this call's keys/values.
+
+  `cached` is None or (k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS): earlier cache
+  slots the T new tokens also attend to. The cache itself is written by the
+  caller, one slot range per call, so a decode step never copies it.
+  """
+  dt = cfg.compute_dtype
   h = rms_norm(x_BxTxD, p["attn_norm"], cfg)
   q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
   k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dt))
@@ -312,23 +334,11 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, mask_BxTxS, kv_cache):
     q, k = rms_norm(q, p["q_norm"], cfg), rms_norm(k, p["k_norm"], cfg)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-  if kv_cache is not None:
-    k_cache, v_cache, slot = kv_cache
-    k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
-    new_kv = (k_all, v_all)
-    k_use, v_use = k_all.astype(dt), v_all.astype(dt)
-  else:
-    new_kv = None
-    k_use, v_use = k, v
-
-  q = q.reshape(B, T, K, G, cfg.head_dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_use,
-                      preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
-  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_use).reshape(B, T, cfg.num_heads, cfg.head_dim)
-  out = jnp.einsum("bthk,hkd->btd", attn, p["wo"].astype(dt))
+  blocks = [(k, v, self_mask_BxTxT)]
+  if cached is not None:
+    k_old, v_old, old_mask = cached
+    blocks.insert(0, (k_old.astype(dt), v_old.astype(dt), old_mask))
+  out = jnp.einsum("bthk,hkd->btd", _attend(cfg, q, blocks), p["wo"].astype(dt))
   if cfg.o_bias:
     out = out + p["bo"].astype(dt)
   x = x_BxTxD + out
@@ -337,7 +347,7 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, mask_BxTxS, kv_cache):
   gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
   up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
   x = x + jnp.einsum("btf,fd->btd", _activation(cfg, gate) * up, p["w_down"].astype(dt))
-  return x, new_kv
+  return x, (k, v)
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -378,43 +388,47 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
 
   x = embed_tokens(params, tokens_BxT, cfg)
   cos, sin = rope_tables(cfg, positions_BxT, cfg.compute_dtype)
+  slots = jnp.arange(T)
 
   if cache is None:
-    slots = jnp.arange(T)
-    mask = _attention_mask(segment_ids_BxT, positions_BxT, segment_ids_BxT,
-                           positions_BxT, slots, slots, cfg)
+    self_mask = _attention_mask(segment_ids_BxT, positions_BxT, segment_ids_BxT, positions_BxT,
+                                slots, slots, cfg)
 
     def body(x, p):
-      x, _ = _layer(cfg, x, p, cos, sin, mask, None)
+      x, _ = _layer(cfg, x, p, cos, sin, self_mask)
       return x, None
 
     x, _ = jax.lax.scan(_remat(cfg, body), x, params["layers"])
     return rms_norm(x, params["final_norm"], cfg), None
 
+  # Cached tokens are one segment (1) per row; padding is segment 0. The new
+  # tokens attend to every valid earlier slot (all slots < start) and, among
+  # themselves, causally.
   start = cache["index"]
   S = cache["mask"].shape[1]
   valid = segment_ids_BxT != 0
-  cache_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], valid, start, axis=1)
-  cache_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT, start, axis=1)
-  # Every real token in a cache sits in segment 1; padding in segment 0.
   q_seg = valid.astype(jnp.int32)
-  k_seg = cache_mask.astype(jnp.int32)
-  mask = _attention_mask(q_seg, positions_BxT, k_seg, cache_pos,
-                         start + jnp.arange(T), jnp.arange(S), cfg)
+  self_mask = _attention_mask(q_seg, positions_BxT, q_seg, positions_BxT, slots, slots, cfg)
+  old_mask = _attention_mask(q_seg, positions_BxT, cache["mask"].astype(jnp.int32), cache["pos"],
+                             jnp.full((T,), S), jnp.arange(S), cfg)
 
   def body(carry, p_i):
     x, k_cache, v_cache = carry
     p, i = p_i
-    x, (k_layer, v_layer) = _layer(cfg, x, p, cos, sin, mask,
-                                   (k_cache[i], v_cache[i], start))
-    k_cache = jax.lax.dynamic_update_index_in_dim(k_cache, k_layer, i, axis=0)
-    v_cache = jax.lax.dynamic_update_index_in_dim(v_cache, v_layer, i, axis=0)
+    x, (k_new, v_new) = _layer(cfg, x, p, cos, sin, self_mask, (k_cache[i], v_cache[i], old_mask))
+    at = (i, 0, start, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None].astype(k_cache.dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None].astype(v_cache.dtype), at)
     return (x, k_cache, v_cache), None
 
   (x, k_new, v_new), _ = jax.lax.scan(
       body, (x, cache["k"], cache["v"]), (params["layers"], jnp.arange(cfg.num_layers)))
-  new_cache = {"k": k_new, "v": v_new, "mask": cache_mask, "pos": cache_pos,
-               "index": start + T}
+  new_cache = {
+      "k": k_new, "v": v_new,
+      "mask": jax.lax.dynamic_update_slice_in_dim(cache["mask"], valid, start, axis=1),
+      "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT, start, axis=1),
+      "index": start + T,
+  }
   return rms_norm(x, params["final_norm"], cfg), new_cache
 
 

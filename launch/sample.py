@@ -76,11 +76,10 @@ def main(argv):
     ids = tok.encode_batch(prompts)
   pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_ids[0] if tok.eos_ids else 0)
   S = _NUM_SAMPLES.value
-  rows = [r for r in ids for _ in range(S)]  # prompt-major: row = p * S + s
-  tokens, mask = sampling.left_pad(rows, pad_id)
+  tokens, mask = sampling.left_pad(ids, pad_id)
   out = sampling.sample(loaded.pop, tokens, mask, jax.random.key(_SEED.value), cfg=loaded.cfg,
                         method=method, max_new_tokens=_MAX_NEW.value,
-                        stop_ids=tuple(tok.eos_ids), pad_id=pad_id)
+                        stop_ids=tuple(tok.eos_ids), pad_id=pad_id, num_samples=S)
   gen, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   sink = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
   try:

@@ -6,8 +6,14 @@ padding mask (HF generate's convention), so padding never changes results.
 
 Sampling methods are small frozen dataclasses that turn logits into a
 sampling distribution; `Chain` composes them in HF's order (temperature,
-top-k, top-p, min-p). Agent i draws from `fold_in(key, i)`, so its samples do
-not depend on which other agents run beside it.
+top-k, top-p, min-p). Agent i draws from `fold_in(key, i)` and row r of it
+from `fold_in(that, r)`, so its samples do not depend on which other agents
+or rows run beside it.
+
+Two jitted programs: `prefill` reads the prompts into a KV cache (once per
+prompt, shared by its num_samples rows), `decode` runs one `lax.while_loop`
+that exits as soon as every row of every agent has stopped, with the prefill
+state donated so the cache buffers are reused in place.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ def from_flags(*, temperature: float, top_k: int = 0, top_p: float = 1.0,
 
 
 def draw(method, logits_BxV, key):
+  """One token per row (all rows from `key`; the sampler keys rows separately)."""
   if isinstance(method, Greedy):
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, method.process(logits_BxV.astype(jnp.float32))).astype(jnp.int32)
@@ -135,66 +142,117 @@ def draw(method, logits_BxV, key):
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
-  """tokens i32[A, B, N] (pad after the stop), logprobs f32[A, B, N] (the
-  model's log-softmax at each drawn token), lengths i32[A, B] (stop included)."""
+  """tokens i32[A, R, N] (pad after the stop), logprobs f32[A, R, N] (the
+  model's log-softmax at each drawn token), lengths i32[A, R] (stop
+  included), steps i32[A] (decode-loop iterations run). R = B * num_samples,
+  prompt-major: row b * num_samples + s is sample s of prompt b."""
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
+  steps: jax.Array
 
 
-def _sample_one(params: Params, prompt_BxT, mask_BxT, key, *, cfg: ModelConfig, method,
-                max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
+jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "lengths", "steps"],
+                                 meta_fields=[])
+
+
+def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cache_len: int,
+                 num_samples: int):
+  """Prefill B prompts once, then give each of its num_samples rows a copy."""
   B, T = prompt_BxT.shape
-  N = max_new_tokens
-  cache = model.init_cache(cfg, B, T + N)
+  cache = model.init_cache(cfg, B, cache_len)
   positions = model.positions_from_mask(mask_BxT)
-  logits, cache = model.forward(params, prompt_BxT, cfg=cfg, positions_BxT=positions,
-                                segment_ids_BxT=mask_BxT.astype(jnp.int32), cache=cache)
-  stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+  hidden, cache = model.forward_hidden(params, prompt_BxT, cfg=cfg, positions_BxT=positions,
+                                       segment_ids_BxT=mask_BxT.astype(jnp.int32), cache=cache)
+  logits = model.logits_from_hidden(params, hidden[:, -1:], cfg)[:, 0]
+  rows = lambda x, axis: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
+  cache = {"k": rows(cache["k"], 1), "v": rows(cache["v"], 1), "mask": rows(cache["mask"], 0),
+           "pos": rows(cache["pos"], 0), "index": cache["index"]}
+  return {"cache": cache, "logits": rows(logits, 0), "next_pos": rows(positions[:, -1] + 1, 0)}
 
-  def cond(state):
-    step, _, _, done, _, _, _ = state
+
+def _decode_one(params: Params, state, key, *, cfg: ModelConfig, method, max_new_tokens: int,
+                stop_ids: tuple[int, ...], pad_id: int):
+  """The decode loop for one agent; exits when every row has stopped."""
+  R = state["logits"].shape[0]
+  N = max_new_tokens
+  stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(R))
+
+  def cond(carry):
+    step, _, _, done, _, _, _ = carry
     return (step < N) & ~jnp.all(done)
 
-  def body(state):
-    step, tokens, logprobs, done, last_logits, pos, cache = state
-    tok = draw(method, last_logits, jax.random.fold_in(key, step))
-    lp = jnp.take_along_axis(jax.nn.log_softmax(last_logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+  def body(carry):
+    step, tokens, logprobs, done, logits, pos, cache = carry
+    if isinstance(method, Greedy):
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+      processed = method.process(logits.astype(jnp.float32))
+      tok = jax.vmap(jax.random.categorical)(step_keys, processed).astype(jnp.int32)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
     done = done | jnp.isin(tok, stops)
-    logits, cache = model.forward(params, tok[:, None], cfg=cfg, positions_BxT=pos[:, None],
-                                  cache=cache)
-    return step + 1, tokens, logprobs, done, logits[:, -1], pos + 1, cache
+    hidden, cache = model.forward_hidden(params, tok[:, None], cfg=cfg,
+                                         positions_BxT=pos[:, None], cache=cache)
+    logits = model.logits_from_hidden(params, hidden, cfg)[:, 0]
+    return step + 1, tokens, logprobs, done, logits, pos + 1, cache
 
-  state = (jnp.zeros((), jnp.int32), jnp.full((B, N), pad_id, jnp.int32),
-           jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), jnp.bool_), logits[:, -1],
-           positions[:, -1] + 1, cache)
-  _, tokens, logprobs, _, _, _, _ = jax.lax.while_loop(cond, body, state)
+  carry = (jnp.zeros((), jnp.int32), jnp.full((R, N), pad_id, jnp.int32),
+           jnp.zeros((R, N), jnp.float32), jnp.zeros((R,), jnp.bool_), state["logits"],
+           state["next_pos"], state["cache"])
+  steps, tokens, logprobs, _, logits, pos, cache = jax.lax.while_loop(cond, body, carry)
   is_stop = jnp.isin(tokens, stops)
-  first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, N)
-  return tokens, logprobs, first_stop.astype(jnp.int32)
+  lengths = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, N)
+  final = {"cache": cache, "logits": logits, "next_pos": pos}
+  return (tokens, logprobs, lengths.astype(jnp.int32), steps), final
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "stop_ids", "pad_id"))
-def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
-           max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> Samples:
-  """Sample every agent. prompts/prompt_mask: left-padded [B, T] shared by all
-  agents or [A, B, T] per agent. Agent i uses key fold_in(key, i)."""
-  A = jax.tree.leaves(pop)[0].shape[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples"))
+def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
+            num_samples: int = 1):
+  """Decode state of every agent after reading the prompts (see `sample`)."""
   in_axis = 0 if prompts.ndim == 3 else None
+  fn = functools.partial(_prefill_one, cfg=cfg, cache_len=cache_len, num_samples=num_samples)
+  return jax.vmap(fn, in_axes=(0, in_axis, in_axis))(pop, prompts, prompt_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "stop_ids",
+                                             "pad_id"), donate_argnames=("state",))
+def decode(pop: Params, state, key, *, cfg: ModelConfig, method, max_new_tokens: int,
+           stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> tuple[Samples, dict]:
+  """Decode every agent from `prefill`'s state. The state is donated and the
+  final state returned, so the loop updates the cache in the donated buffers
+  instead of copying them first."""
+  A = jax.tree.leaves(pop)[0].shape[0]
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(A))
-  fn = functools.partial(_sample_one, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
+  fn = functools.partial(_decode_one, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, pad_id=pad_id)
-  tokens, logprobs, lengths = jax.vmap(fn, in_axes=(0, in_axis, in_axis, 0))(
-      pop, prompts, prompt_mask, keys)
-  return Samples(tokens=tokens, logprobs=logprobs, lengths=lengths)
+  samples, final = jax.vmap(fn)(pop, state, keys)
+  return Samples(*samples), final
 
 
-jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "lengths"],
-                                 meta_fields=[])
+def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
+           max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+           num_samples: int = 1) -> Samples:
+  """Sample every agent: one jitted prefill, then one jitted decode loop.
+
+  prompts / prompt_mask: left-padded [B, T] shared by all agents, or [A, B, T]
+  per agent. Each prompt is prefilled once and decoded num_samples times.
+  Randomness: agent a, row r, step t draws with fold_in(fold_in(fold_in(key,
+  a), r), t), so a row's samples depend only on the key, its agent slot and
+  its row, never on the other agents or rows.
+  """
+  T = prompts.shape[-1]
+  state = prefill(pop, prompts, prompt_mask, cfg=cfg, cache_len=T + max_new_tokens,
+                  num_samples=num_samples)
+  samples, _ = decode(pop, state, key, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
+                      stop_ids=tuple(stop_ids), pad_id=pad_id)
+  return samples
 
 
 def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None):

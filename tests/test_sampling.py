@@ -106,3 +106,59 @@ def test_greedy_sample_equals_stepwise_argmax_of_full_forward():
     seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   assert np.asarray(out.tokens[0, 0]).tolist() == seq[len(prompt):]
   assert int(out.lengths[0, 0]) == 6
+
+
+def _prompts(n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return sampling.left_pad([list(rng.integers(1, 64, k)) for k in (5, 3, 7)[:n]], pad_id=0)
+
+
+def test_stops_padding_lengths_and_early_exit():
+  pop = population.init(CFG, jax.random.key(2), 2)
+  tokens, mask = _prompts()
+  kw = dict(cfg=CFG, method=sampling.Greedy(), max_new_tokens=10, pad_id=0)
+  free = sampling.sample(pop, tokens, mask, jax.random.key(0), **kw)
+  assert np.all(np.asarray(free.lengths) == 10) and np.all(np.asarray(free.steps) == 10)
+  free_tokens = np.asarray(free.tokens)
+  # Stop on whatever each row of agent 0 emits at step 2 (and agent 1 at step 1).
+  stop_ids = tuple(sorted(set(free_tokens[0, :, 2]) | set(free_tokens[1, :, 1])))
+  out = sampling.sample(pop, tokens, mask, jax.random.key(0), stop_ids=stop_ids, **kw)
+  got, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  for a in range(2):
+    for r in range(3):
+      hits = [i for i, t in enumerate(free_tokens[a, r]) if t in stop_ids]
+      n = hits[0] + 1
+      assert lengths[a, r] == n
+      np.testing.assert_array_equal(got[a, r, :n], free_tokens[a, r, :n])
+      assert np.all(got[a, r, n:] == 0)
+  # The loop ran only until the agent's last row stopped.
+  np.testing.assert_array_equal(np.asarray(out.steps), lengths.max(axis=1))
+  assert np.asarray(out.steps).max() <= 3
+
+
+def test_per_agent_prompts_equal_each_agent_on_its_own():
+  pop = population.init(CFG, jax.random.key(3), 2)
+  t0, m0 = _prompts(seed=1)
+  t1, m1 = _prompts(seed=2)
+  method = sampling.Temperature(1.0)
+  kw = dict(cfg=CFG, method=method, max_new_tokens=6)
+  both = sampling.sample(pop, np.stack([t0, t1]), np.stack([m0, m1]), jax.random.key(5), **kw)
+  for a, (t, m) in enumerate([(t0, m0), (t1, m1)]):
+    alone = sampling.sample(pop, t, m, jax.random.key(5), **kw)  # shared prompts, same slot
+    np.testing.assert_array_equal(both.tokens[a], alone.tokens[a])
+
+
+def test_num_samples_shares_prefill_and_samples_independently():
+  pop = population.init(CFG, jax.random.key(4), 1)
+  tokens, mask = _prompts()
+  kw = dict(cfg=CFG, method=sampling.Temperature(1.5), max_new_tokens=8)
+  many = sampling.sample(pop, tokens, mask, jax.random.key(9), num_samples=4, **kw)
+  assert many.tokens.shape == (1, 12, 8)
+  rows = np.asarray(many.tokens[0]).reshape(3, 4, 8)
+  for b in range(3):  # four different samples of each prompt
+    assert len({tuple(r) for r in rows[b]}) == 4
+  # Row r = b * 4 + s equals sampling the prompts repeated explicitly (same row keys).
+  repeated = np.repeat(np.asarray(tokens), 4, axis=0), np.repeat(np.asarray(mask), 4, axis=0)
+  explicit = sampling.sample(pop, *repeated, jax.random.key(9), **kw)
+  np.testing.assert_array_equal(many.tokens, explicit.tokens)
+  np.testing.assert_allclose(many.logprobs, explicit.logprobs, atol=1e-5)

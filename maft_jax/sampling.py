@@ -171,13 +171,12 @@ def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cach
   return {"cache": cache, "logits": rows(logits, 0), "next_pos": rows(positions[:, -1] + 1, 0)}
 
 
-def _decode_one(params: Params, state, key, *, cfg: ModelConfig, method, max_new_tokens: int,
-                stop_ids: tuple[int, ...], pad_id: int):
+def _decode_one(params: Params, state, key, row_ids, *, cfg: ModelConfig, method,
+                max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
   """The decode loop for one agent; exits when every row has stopped."""
-  R = state["logits"].shape[0]
   N = max_new_tokens
   stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(R))
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
 
   def cond(carry):
     step, _, _, done, _, _, _ = carry
@@ -202,6 +201,7 @@ def _decode_one(params: Params, state, key, *, cfg: ModelConfig, method, max_new
     logits = model.logits_from_hidden(params, hidden, cfg)[:, 0]
     return step + 1, tokens, logprobs, done, logits, pos + 1, cache
 
+  R = row_ids.shape[0]
   carry = (jnp.zeros((), jnp.int32), jnp.full((R, N), pad_id, jnp.int32),
            jnp.zeros((R, N), jnp.float32), jnp.zeros((R,), jnp.bool_), state["logits"],
            state["next_pos"], state["cache"])
@@ -223,34 +223,37 @@ def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: i
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "stop_ids",
                                              "pad_id"), donate_argnames=("state",))
-def decode(pop: Params, state, key, *, cfg: ModelConfig, method, max_new_tokens: int,
-           stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> tuple[Samples, dict]:
+def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
+           max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0
+           ) -> tuple[Samples, dict]:
   """Decode every agent from `prefill`'s state. The state is donated and the
   final state returned, so the loop updates the cache in the donated buffers
   instead of copying them first."""
   A = jax.tree.leaves(pop)[0].shape[0]
+  if row_ids is None:
+    row_ids = jnp.arange(state["logits"].shape[1])
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(A))
   fn = functools.partial(_decode_one, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, pad_id=pad_id)
-  samples, final = jax.vmap(fn)(pop, state, keys)
+  samples, final = jax.vmap(fn, in_axes=(0, 0, 0, None))(pop, state, keys, row_ids)
   return Samples(*samples), final
 
 
 def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
            max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-           num_samples: int = 1) -> Samples:
+           num_samples: int = 1, row_ids=None) -> Samples:
   """Sample every agent: one jitted prefill, then one jitted decode loop.
 
   prompts / prompt_mask: left-padded [B, T] shared by all agents, or [A, B, T]
   per agent. Each prompt is prefilled once and decoded num_samples times.
   Randomness: agent a, row r, step t draws with fold_in(fold_in(fold_in(key,
-  a), r), t), so a row's samples depend only on the key, its agent slot and
-  its row, never on the other agents or rows.
+  a), row_ids[r]), t), so a row's samples depend only on the key, its agent
+  slot and its row id (default: its index), never on the other agents or rows.
   """
   T = prompts.shape[-1]
   state = prefill(pop, prompts, prompt_mask, cfg=cfg, cache_len=T + max_new_tokens,
                   num_samples=num_samples)
-  samples, _ = decode(pop, state, key, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
+  samples, _ = decode(pop, state, key, row_ids, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
                       stop_ids=tuple(stop_ids), pad_id=pad_id)
   return samples
 

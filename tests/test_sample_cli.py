@@ -40,7 +40,7 @@ def test_greedy_equals_transformers_generate(family, hf_models, tmp_path):
   assert len(lines) == 2 * len(PROMPTS)
   expected = hf_greedy(hf_dir, PROMPTS, 12)
   for line in lines:
-    assert set(line) == {"agent", "prompt_index", "sample_index", "text", "token_ids"}
+    assert {"agent", "prompt_index", "sample_index", "text", "token_ids"} <= set(line)
     assert line["token_ids"] == expected[line["prompt_index"]], line
 
 

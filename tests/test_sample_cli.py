@@ -76,3 +76,10 @@ def test_library_never_imports_torch(hf_models):
           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=cli.ROOT,
                  env={**__import__("os").environ, "PYTHONPATH": cli.ROOT})
+
+
+def test_bench_sample_tiny_runs():
+  proc = cli.run("bench", "--what=sample", "--tiny", "--agents=2", "--repeats=1")
+  assert "ceilings:" in proc.stdout
+  row = [l for l in proc.stdout.splitlines() if l.strip().startswith("2 ")]
+  assert len(row) == 1 and "%" in row[0] and "x" in row[0]

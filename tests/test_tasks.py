@@ -112,7 +112,7 @@ def test_gsm8k_bad_records(tmp_path):
 
 
 def test_unknown_task_and_option():
-  with pytest.raises(TaskError, match="unknown task 'nope'; tasks: arithmetic, gsm8k, math"):
+  with pytest.raises(TaskError, match="unknown task 'nope'; tasks: arithmetic, gsm8k, humaneval, math"):
     tasks.load("nope")
   with pytest.raises(TaskError, match="unexpected keyword argument 'colour'"):
     tasks.load("arithmetic", colour=1)
@@ -232,3 +232,38 @@ def test_reasoning_gym_uses_its_scorer():
   assert not task.is_correct(p.reference, p)  # unboxed: no answer
   with pytest.raises(TaskError, match="reasoning_gym:no_such_dataset"):
     tasks.load("reasoning_gym:no_such_dataset")
+
+
+def test_gsm8k_parquet(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = [json.loads(l) for l in GOOD[:5]] + [{"question": "q", "answer": "no marker"}]
+  path = str(tmp_path / "gsm8k.parquet")
+  pq.write_table(pa.Table.from_pylist(rows), path)
+  with pytest.raises(TaskError, match=r"gsm8k.parquet: row 6: field 'answer' does not end"):
+    tasks.load("gsm8k", path=path).problems("all")
+  task = tasks.load("gsm8k", path=path, on_bad_record="skip")
+  assert [p.reference for p in task.problems("all")] == ["800", "802", "804", "806", "808"]
+
+
+# --- humaneval (runs completions in maft_jax.sandbox) ---------------------------
+
+def test_humaneval_canonical_passes_and_wrong_fails():
+  from maft_jax import sandbox
+  try:
+    task = tasks.load("humaneval", limits=sandbox.Limits(wall_seconds=20))
+  except sandbox.SandboxUnavailable as e:
+    pytest.skip(str(e))
+  problems = task.problems("all")
+  assert len(problems) == 164
+  chosen = problems[:6]
+  # Base-model style (continue the prompt) and chat style (a fenced whole function).
+  texts = [p.reference for p in chosen]
+  p0 = chosen[0]
+  fenced = f"Here you go:\n```python\n{p0.question}{p0.reference}\n```\nDone."
+  wrong = "    return None\n"
+  verdicts = task.verdicts(texts + [fenced, wrong], chosen + [p0, p0])
+  assert [v.passed for v in verdicts] == [True] * 7 + [False]
+  assert verdicts[-1].status == "failed"
+  assert task.is_correct_many([wrong, p0.reference], [p0, p0]) == [False, True]
+  assert task.extract_answer("x = 1  # comment\n\n") == "x = 1"

@@ -15,6 +15,7 @@ _REGISTRY = {
     "gsm8k": ("maft_jax.tasks.gsm8k", "GSM8K"),
     "math": ("maft_jax.tasks.math", "MATH"),
     "multiple_choice": ("maft_jax.tasks.multiple_choice", "MultipleChoice"),
+    "humaneval": ("maft_jax.tasks.humaneval", "HumanEval"),
 }
 
 

@@ -115,6 +115,28 @@ def read_jsonl(path: str, *, on_bad_record: str = "error") -> Iterator[tuple[int
     logging.warning("%s: skipped %d malformed line(s) (on_bad_record='skip')", path, skipped)
 
 
+def read_records(path: str, *, on_bad_record: str = "error") -> Iterator[tuple[str, dict]]:
+  """(location, record) from a JSONL file ("FILE:LINE") or a Parquet file
+  ("FILE: row N", via pyarrow, imported only for Parquet)."""
+  if not path.endswith(".parquet"):
+    for lineno, record in read_jsonl(path, on_bad_record=on_bad_record):
+      yield f"{path}:{lineno}", record
+    return
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise TaskError(f"{path}: reading Parquet needs pyarrow: pip install -r "
+                    "requirements-tasks.txt") from None
+  if not os.path.isfile(path):
+    raise TaskError(f"{path}: no such file")
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pyarrow's errors are many and unexported
+    raise TaskError(f"{path}: not a readable Parquet file ({e})") from None
+  for i, record in enumerate(table.to_pylist(), 1):
+    yield f"{path}: row {i}", record
+
+
 def require(record: Mapping[str, Any], field: str, where: str, kind=str):
   if field not in record:
     raise TaskError(f"{where}: missing field {field!r} (fields: {sorted(record)})")

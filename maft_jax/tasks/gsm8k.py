@@ -1,11 +1,11 @@
-"""GSM8K from a local JSONL file (`question`, `answer` ending in `#### N`)."""
+"""GSM8K from a local JSONL or Parquet file (`question`, `answer` ending in `#### N`)."""
 
 from __future__ import annotations
 
 import hashlib
 
 from maft_jax.tasks import answers
-from maft_jax.tasks.base import Problem, Task, TaskError, read_jsonl, require
+from maft_jax.tasks.base import Problem, Task, TaskError, read_records, require
 
 
 class GSM8K(Task):
@@ -14,14 +14,13 @@ class GSM8K(Task):
   def __init__(self, *, path: str | None = None, on_bad_record: str = "error", **kw):
     super().__init__(**kw)
     if not path:
-      raise TaskError("gsm8k: option path=FILE.jsonl is required (records with 'question' and "
+      raise TaskError("gsm8k: option path=FILE.jsonl|FILE.parquet is required (records with 'question' and "
                       "'answer' ending in '#### N')")
     self.path, self.on_bad_record = path, on_bad_record
 
   def _all_problems(self):
     out, skipped = [], 0
-    for lineno, rec in read_jsonl(self.path, on_bad_record=self.on_bad_record):
-      where = f"{self.path}:{lineno}"
+    for where, rec in read_records(self.path, on_bad_record=self.on_bad_record):
       try:
         question = require(rec, "question", where)
         solution = require(rec, "answer", where)

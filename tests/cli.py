@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  from tests.conftest import FAST_COMPILE
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
   proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   if check and proc.returncode != 0:

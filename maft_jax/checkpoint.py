@@ -25,6 +25,7 @@ from maft_jax import hf, population, sharding
 from maft_jax.model import ModelConfig, Params
 
 FORMAT = "maft_jax.population"
+TRAIN_FORMAT = "maft_jax.train"
 VERSION = 1
 
 
@@ -100,3 +101,51 @@ def load_population(path: str, *, mesh: jax.sharding.Mesh | None = None,
                           abstract, shards)
   pop = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
   return pop, meta
+
+
+class TrainCheckpoints:
+  """Keep-N, asynchronous orbax checkpoints of a training run: the train state
+  (parameters, optimizer state, per-agent steps) and a JSON item with the data
+  iterators' states, the RNG seed and anything else the loop needs to resume.
+
+  Saving returns once the arrays are copied off the device (so the next step
+  may donate them); writing continues in the background. Restoring takes an
+  abstract state whose leaves carry the target shardings, so a run resumes on
+  a different device count or mesh.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save))
+
+  def save(self, step: int, state, extra: dict[str, Any]) -> None:
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        extra=ocp.args.JsonSave({"format": TRAIN_FORMAT, **extra})))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, extra) of `step` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{self.directory}: no training checkpoint to restore")
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+    extra = dict(out["extra"])
+    if extra.pop("format", None) != TRAIN_FORMAT:
+      raise CheckpointError(f"{self.directory}/{step}: not a maft_jax training checkpoint")
+    return out["state"], extra
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

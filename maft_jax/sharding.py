@@ -108,6 +108,36 @@ def shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
       axes_tree, shapes_tree, is_leaf=_is_axes)
 
 
+def _path_names(path) -> tuple[str, ...]:
+  out = []
+  for k in path:
+    name = getattr(k, "key", None) or getattr(k, "name", None)
+    if isinstance(name, str):
+      out.append(name)
+  return tuple(out)
+
+
+def state_shardings(state_shapes, param_axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """Shardings for a train state: every leaf whose path ends with a parameter's
+  path and has its shape (the parameters, Adam's moments) gets that
+  parameter's logical axes; any other leaf is split on 'agent' along its
+  leading axis (per-agent counters) or replicated (scalars)."""
+  by_path = {}
+  for path, axes in jax.tree_util.tree_flatten_with_path(param_axes_tree, is_leaf=_is_axes)[0]:
+    by_path[_path_names(path)] = axes
+
+  def one(path, leaf):
+    names = _path_names(path)
+    for n in range(len(names)):
+      axes = by_path.get(names[n:])
+      if axes is not None and len(axes) == len(leaf.shape):
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
+    axes = ("agent",) + (None,) * (len(leaf.shape) - 1) if leaf.shape else ()
+    return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
+
+  return jax.tree_util.tree_map_with_path(one, state_shapes)
+
+
 def use_mesh(mesh: Mesh):
   """Context that makes `mesh` current (needed by vmap's spmd_axis_name)."""
   if hasattr(jax, "set_mesh"):

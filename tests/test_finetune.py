@@ -145,3 +145,45 @@ def test_schedule_warmup_and_cosine():
   assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
   assert lrs[10] == pytest.approx(1.0) and lrs[99] < 0.01
   assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_checkpoint_resume_on_another_mesh_gives_identical_next_step(tmp_path):
+  from maft_jax import checkpoint, sharding
+  pop = population.init(CFG, jax.random.key(7), 2)
+  it = [data.sft_batches(_examples(s, n=12), batch_size=2, seq_len=16, seed=s, pad_id=0)
+        for s in (1, 2)]
+
+  def next_step():
+    return {k: np.stack([b[k] for b in batch])[:, None]
+            for batch in [[next(i) for i in it]] for k in batch[0]}
+
+  state = finetune.init_state(jax.tree.map(jnp.copy, pop), H, 10)
+  for _ in range(2):
+    state, _ = finetune.train_step(state, next_step(), cfg=CFG, h=H)
+  ckpts = checkpoint.TrainCheckpoints(str(tmp_path / "train"), max_to_keep=2)
+  ckpts.save(2, state, {"data": [i.get_state() for i in it], "seed": 7})
+  ckpts.wait()
+  expected, m_expected = finetune.train_step(state, next_step(), cfg=CFG, h=H)
+
+  # Rebuild everything: pipelines restored from their saved states, the train
+  # state onto an 8-device mesh (agents x fsdp x tensor) instead of one device.
+  mesh = sharding.make_mesh((2, 1, 2, 2))
+  abstract = jax.eval_shape(lambda p: finetune.init_state(p, H, 10), pop)
+  shards = sharding.state_shardings(abstract, population.axes(CFG), mesh)
+  assert shards["params"]["layers"]["wq"].spec == sharding.PartitionSpec(
+      "agent", None, "fsdp", "tensor", None)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, shards)
+  restored, extra = checkpoint.TrainCheckpoints(str(tmp_path / "train")).restore(target)
+  assert extra["seed"] == 7
+  it = [data.sft_batches(_examples(s, n=12), batch_size=2, seq_len=16, seed=s, pad_id=0)
+        for s in (1, 2)]
+  for i, st in zip(it, extra["data"]):
+    i.set_state(st)
+  with sharding.use_mesh(mesh):
+    got, m_got = finetune.train_step(restored, next_step(), cfg=CFG, h=H)
+  np.testing.assert_allclose(m_got["loss"], m_expected["loss"], rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5),
+               got["params"], expected["params"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5),
+               got["opt"], expected["opt"])

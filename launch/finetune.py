@@ -1,0 +1,158 @@
+r"""Finetune every agent of a population on its own data, in one vmapped program.
+
+    python -m launch.finetune --checkpoint=CKPT --data=A0.jsonl,A1.jsonl,... --out=CKPT2 \
+        [--epochs=2] [--lr=1e-5] [--batch_size=8] [--seq_len=1024] [--grad_accum=1] \
+        [--workdir=DIR] [--save_every=100] [--no_pack] [--lora_rank=R]
+
+Agent i trains on the i-th JSONL file of {"prompt": ..., "completion": ...}
+rows (loss on completion tokens only; EOS is appended to each completion).
+An empty file means no update for that agent: its weights stay bit-identical.
+Each agent sees each of its rows once per epoch (see maft_jax/finetune.py for
+the policy on unequal data). With --workdir, training checkpoints (state,
+data iterators) are written every --save_every steps and a rerun resumes from
+the latest one. The result is a new population checkpoint at --out.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from maft_jax import checkpoint, data, finetune
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input population checkpoint.",
+                                  required=True)
+_DATA = flags.DEFINE_list("data", None, "One JSONL file per agent.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output population checkpoint.", required=True)
+_EPOCHS = flags.DEFINE_integer("epochs", 2, "Epochs over each agent's data.", lower_bound=1)
+_LR = flags.DEFINE_float("lr", 1e-5, "Peak learning rate.")
+_WARMUP = flags.DEFINE_float("warmup_frac", 0.03, "Warmup fraction of each agent's steps.")
+_WD = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
+_CLIP = flags.DEFINE_float("clip_norm", 1.0, "Per-agent gradient clipping norm.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per microbatch per agent.", lower_bound=1)
+_SEQ = flags.DEFINE_integer("seq_len", 1024, "Row length in tokens.", lower_bound=2)
+_ACCUM = flags.DEFINE_integer("grad_accum", 1, "Microbatches per step.", lower_bound=1)
+_PACK = flags.DEFINE_bool("pack", True, "Pack several examples per row.")
+_SEED = flags.DEFINE_integer("seed", 0, "Data order seed.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch"],
+                           "Rematerialisation policy.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training checkpoints (resume from here).")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Steps between training checkpoints.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full finetuning).")
+
+
+def read_rows(path: str, tokenizer, eos_id: int) -> list[dict]:
+  """Tokenised examples of one agent's JSONL file; errors name file and line."""
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+              and isinstance(row.get("completion"), str)):
+        raise ValueError(f"{path}:{lineno}: expected an object with string fields "
+                         "\"prompt\" and \"completion\"")
+      completion = tokenizer.encode(row["completion"], add_special_tokens=False) + [eos_id]
+      examples.append({"prompt_ids": tokenizer.encode(row["prompt"]),
+                       "completion_ids": completion})
+  return examples
+
+
+def pipelines(examples, agent_seeds, pad_id):
+  """One SFT iterator per agent (None for an agent without data)."""
+  return [data.sft_batches(ex, batch_size=_BATCH.value, seq_len=_SEQ.value, seed=seed,
+                           pad_id=pad_id, pack=_PACK.value, num_epochs=_EPOCHS.value)
+          if ex else None for ex, seed in zip(examples, agent_seeds)]
+
+
+def main(argv):
+  del argv
+  if _LORA_RANK.value:
+    raise app.UsageError("--lora_rank: LoRA finetuning is not available yet in this build "
+                         "(full finetuning only); omit the flag")
+  meta = checkpoint.read_meta(_CHECKPOINT.value)
+  if len(_DATA.value) != meta.num_agents:
+    raise app.UsageError(f"--data lists {len(_DATA.value)} files for a population of "
+                         f"{meta.num_agents} agents: give one (possibly empty) file per agent")
+  from maft_jax.tokenizer import Tokenizer
+  tok = Tokenizer(checkpoint.tokenizer_dir(_CHECKPOINT.value))
+  if not tok.eos_ids:
+    raise app.UsageError(f"{_CHECKPOINT.value}: the tokenizer has no EOS token to end completions")
+  pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
+  examples = [read_rows(path, tok, tok.eos_ids[0]) for path in _DATA.value]
+  seeds = [_SEED.value * 1000 + a for a in range(meta.num_agents)]
+
+  # Each agent's schedule length: its own number of steps over all epochs.
+  counts = [sum(1 for _ in it) if it else 0 for it in pipelines(examples, seeds, pad_id)]
+  total_steps = [-(-c // _ACCUM.value) for c in counts]
+  num_steps = max(total_steps) if total_steps else 0
+  logging.info("examples per agent %s -> steps per agent %s", [len(e) for e in examples],
+               total_steps)
+
+  pop, meta = checkpoint.load_population(_CHECKPOINT.value, dtype=_DTYPE.value,
+                                         remat=_REMAT.value)
+  cfg = meta.cfg
+  h = finetune.Hyper(learning_rate=_LR.value, warmup_frac=_WARMUP.value,
+                     weight_decay=_WD.value, clip_norm=_CLIP.value)
+  state = finetune.init_state(pop, h, total_steps)
+  its = pipelines(examples, seeds, pad_id)
+  start = 0
+  ckpts = checkpoint.TrainCheckpoints(_WORKDIR.value) if _WORKDIR.value else None
+  if ckpts is not None and ckpts.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state, extra = ckpts.restore(abstract)
+    start = int(extra["step"])
+    for it, st in zip(its, extra["data"]):
+      if it is not None:
+        it.set_state(st)
+    logging.info("resumed from %s at step %d", _WORKDIR.value, start)
+
+  empty = {k: np.zeros((_BATCH.value, _SEQ.value), np.int32)
+           for k in ("tokens_BxT", "loss_mask_BxT", "segment_ids_BxT", "positions_BxT")}
+
+  def next_micro(it):
+    if it is None:
+      return empty
+    try:
+      return next(it)
+    except StopIteration:
+      return empty
+
+  t0, tokens_done = time.perf_counter(), 0
+  for step in range(start, num_steps):
+    micro = [[next_micro(it) for _ in range(_ACCUM.value)] for it in its]
+    batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
+             for k in empty}
+    state, metrics = finetune.train_step(state, batch, cfg=cfg, h=h)
+    finetune.check_finite(metrics, step)
+    tokens_done += int(np.asarray(metrics["tokens"]).sum())
+    rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
+    losses = " ".join(f"{l:.3f}" if u else "-" for l, u in
+                      zip(np.asarray(metrics["loss"]).tolist(), np.asarray(metrics["updated"])))
+    sys.stderr.write(f"\rstep {step + 1}/{num_steps} loss [{losses}] {rate:,.0f} tok/s")
+    sys.stderr.flush()
+    if ckpts is not None and ((step + 1) % _SAVE_EVERY.value == 0 or step + 1 == num_steps):
+      ckpts.save(step + 1, state, {"step": step + 1,
+                                   "data": [it.get_state() if it else None for it in its]})
+  sys.stderr.write("\n")
+  if ckpts is not None:
+    ckpts.close()
+  out = checkpoint.save_population(_OUT.value, state["params"], cfg=cfg,
+                                   hf_config=meta.hf_config, source_dtype=meta.source_dtype,
+                                   tokenizer_from=checkpoint.tokenizer_dir(_CHECKPOINT.value))
+  print(f"wrote {out}: {meta.num_agents} agents, steps per agent "
+        f"{np.asarray(state['step']).tolist()}")
+
+
+if __name__ == "__main__":
+  app.run(main)

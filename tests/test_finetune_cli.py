@@ -1,0 +1,48 @@
+"""launch.finetune end to end: an empty data file leaves that agent untouched."""
+
+import json
+import os
+
+from tests import cli
+from tests.test_hf_interchange import _assert_bit_identical, _tensors
+
+
+def test_finetune_cli_empty_file_means_no_update(hf_models, tmp_path):
+  src = hf_models("qwen2")
+  ckpt, out, exported = (str(tmp_path / n) for n in ("ckpt", "ckpt2", "hf"))
+  cli.run("import_hf", f"--hf_dir={src}", f"--out={ckpt}", "--agents=3")
+  rows = [{"prompt": f"What is {i} + {i}?", "completion": f"It is {2 * i}."} for i in range(6)]
+  files = []
+  for a, n in enumerate([6, 0, 2]):
+    path = tmp_path / f"agent{a}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    files.append(str(path))
+  proc = cli.run("finetune", f"--checkpoint={ckpt}", f"--data={','.join(files)}", f"--out={out}",
+                 "--epochs=2", "--lr=1e-3", "--batch_size=2", "--seq_len=32", "--dtype=float32",
+                 f"--workdir={tmp_path / 'work'}", "--save_every=1")
+  steps = json.loads(proc.stdout.rsplit("steps per agent ", 1)[1])
+  assert steps[1] == 0 and steps[0] > steps[2] > 0, proc.stdout
+  cli.run("export_hf", f"--checkpoint={out}", "--agent=all", f"--out={exported}")
+  _assert_bit_identical(src, os.path.join(exported, "agent_1"))
+  before = _tensors(src)
+  for agent in ("agent_0", "agent_2"):
+    after = _tensors(os.path.join(exported, agent))
+    assert any(before[k].tobytes() != after[k].tobytes() for k in before), agent
+  # Rerunning with the same workdir resumes at the end: nothing left to do.
+  again = cli.run("finetune", f"--checkpoint={ckpt}", f"--data={','.join(files)}",
+                  f"--out={tmp_path / 'ckpt3'}", "--epochs=2", "--lr=1e-3", "--batch_size=2",
+                  "--seq_len=32", "--dtype=float32", f"--workdir={tmp_path / 'work'}")
+  assert "resumed" in again.stderr and f"steps per agent {steps}" in again.stdout
+
+
+def test_finetune_cli_bad_input(hf_models, tmp_path):
+  ckpt = str(tmp_path / "ckpt")
+  cli.run("import_hf", f"--hf_dir={hf_models('qwen2')}", f"--out={ckpt}", "--agents=2")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "p"}\n')
+  proc = cli.run("finetune", f"--checkpoint={ckpt}", f"--data={bad},{bad}",
+                 f"--out={tmp_path / 'o'}", check=False)
+  assert proc.returncode != 0 and f"{bad}:2:" in proc.stderr
+  proc = cli.run("finetune", f"--checkpoint={ckpt}", f"--data={bad}", f"--out={tmp_path / 'o'}",
+                 check=False)
+  assert proc.returncode != 0 and "population of 2 agents" in proc.stderr

@@ -11,6 +11,10 @@ Each agent sees each of its rows once per epoch (see maft_jax/finetune.py for
 the policy on unequal data). With --workdir, training checkpoints (state,
 data iterators) are written every --save_every steps and a rerun resumes from
 the latest one. The result is a new population checkpoint at --out.
+
+With --lora_rank=R, the agents (which must be identical: one base) share one
+frozen copy of the base and train per-agent adapters (--lora_alpha,
+--lora_targets); the adapters are merged into full weights in --out.
 """
 
 import json
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from maft_jax import checkpoint, data, finetune
+from maft_jax import checkpoint, data, finetune, lora, population
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input population checkpoint.",
                                   required=True)
@@ -43,7 +47,11 @@ _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_ba
                            "Rematerialisation policy.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training checkpoints (resume from here).")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Steps between training checkpoints.")
-_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full finetuning).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full finetuning).",
+                                  lower_bound=0)
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default 2 x rank).")
+_LORA_TARGETS = flags.DEFINE_list("lora_targets", list(lora.TARGETS),
+                                  "Projections that get adapters.")
 
 
 def read_rows(path: str, tokenizer, eos_id: int) -> list[dict]:
@@ -76,9 +84,6 @@ def pipelines(examples, agent_seeds, pad_id):
 
 def main(argv):
   del argv
-  if _LORA_RANK.value:
-    raise app.UsageError("--lora_rank: LoRA finetuning is not available yet in this build "
-                         "(full finetuning only); omit the flag")
   meta = checkpoint.read_meta(_CHECKPOINT.value)
   if len(_DATA.value) != meta.num_agents:
     raise app.UsageError(f"--data lists {len(_DATA.value)} files for a population of "
@@ -103,7 +108,25 @@ def main(argv):
   cfg = meta.cfg
   h = finetune.Hyper(learning_rate=_LR.value, warmup_frac=_WARMUP.value,
                      weight_decay=_WD.value, clip_norm=_CLIP.value)
-  state = finetune.init_state(pop, h, total_steps)
+  base, lcfg = None, None
+  if _LORA_RANK.value:
+    lcfg = lora.LoraConfig(rank=_LORA_RANK.value, alpha=_LORA_ALPHA.value or 2.0 * _LORA_RANK.value,
+                           targets=tuple(_LORA_TARGETS.value))
+    base = population.select(pop, 0)
+    same = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(x == x[:1])
+                                                for x in jax.tree.leaves(p)])))(pop)
+    if not bool(same):
+      raise app.UsageError(f"--lora_rank: the agents of {_CHECKPOINT.value} differ; LoRA trains "
+                           "per-agent adapters on one shared base, so it needs a population of "
+                           "identical agents (e.g. fresh from launch.import_hf)")
+    del pop
+    trainable = lora.init(cfg, lcfg, jax.random.key(_SEED.value), meta.num_agents)
+    logging.info("LoRA rank %d alpha %g on %s: %s adapter parameters per agent", lcfg.rank,
+                 lcfg.alpha, ",".join(lcfg.targets), f"{lora.count(trainable) // meta.num_agents:,}")
+  else:
+    trainable = pop
+  state = finetune.init_state(trainable, h, total_steps)
+  scale = lcfg.scale if lcfg else 1.0
   its = pipelines(examples, seeds, pad_id)
   start = 0
   ckpts = checkpoint.TrainCheckpoints(_WORKDIR.value) if _WORKDIR.value else None
@@ -133,7 +156,7 @@ def main(argv):
     micro = [[next_micro(it) for _ in range(_ACCUM.value)] for it in its]
     batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
              for k in empty}
-    state, metrics = finetune.train_step(state, batch, cfg=cfg, h=h)
+    state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=h, lora_scale=scale)
     finetune.check_finite(metrics, step)
     tokens_done += int(np.asarray(metrics["tokens"]).sum())
     rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
@@ -147,7 +170,8 @@ def main(argv):
   sys.stderr.write("\n")
   if ckpts is not None:
     ckpts.close()
-  out = checkpoint.save_population(_OUT.value, state["params"], cfg=cfg,
+  params = state["params"] if lcfg is None else lora.merge_population(base, state["params"], lcfg)
+  out = checkpoint.save_population(_OUT.value, params, cfg=cfg,
                                    hf_config=meta.hf_config, source_dtype=meta.source_dtype,
                                    tokenizer_from=checkpoint.tokenizer_dir(_CHECKPOINT.value))
   print(f"wrote {out}: {meta.num_agents} agents, steps per agent "

@@ -87,11 +87,13 @@ def init_state(pop: Params, h: Hyper, total_steps) -> dict[str, Any]:
           "step": jnp.zeros((A,), jnp.int32), "total_steps": jnp.asarray(total)}
 
 
-def token_nll(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, ce_chunk: int):
-  """(sum of completion-token NLLs, number of completion tokens) of one batch."""
+def token_nll(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, ce_chunk: int,
+              lora=None, lora_scale: float = 1.0):
+  """(sum of completion-token NLLs, number of completion tokens) of one batch.
+  With `lora`, `params` is the frozen base and `lora` the agent's adapters."""
   tokens, seg = batch["tokens_BxT"], batch["segment_ids_BxT"]
   hidden, _ = model.forward_hidden(params, tokens, cfg=cfg, positions_BxT=batch["positions_BxT"],
-                                   segment_ids_BxT=seg)
+                                   segment_ids_BxT=seg, lora=lora, lora_scale=lora_scale)
   targets = tokens[:, 1:]
   weights = (batch["loss_mask_BxT"][:, 1:] != 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
   h = hidden[:, :-1]
@@ -120,14 +122,19 @@ def token_nll(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, ce_
   return total, jnp.sum(weights).astype(jnp.int32)
 
 
-def _agent_step(state, batches, *, cfg: ModelConfig, h: Hyper):
-  """One agent's update from k microbatches [k, b, T]."""
+def _agent_step(state, batches, base, *, cfg: ModelConfig, h: Hyper, lora_scale):
+  """One agent's update from k microbatches [k, b, T]. With LoRA (`base` not
+  None) the trainable `state["params"]` are the agent's adapters."""
   params = state["params"]
+
+  def loss(p, batch):
+    if base is None:
+      return token_nll(p, batch, cfg, h.ce_chunk)
+    return token_nll(base, batch, cfg, h.ce_chunk, lora=p, lora_scale=lora_scale)
 
   def micro(carry, batch):
     grads, nll, count = carry
-    (s, n), g = jax.value_and_grad(lambda p: token_nll(p, batch, cfg, h.ce_chunk),
-                                   has_aux=True)(params)
+    (s, n), g = jax.value_and_grad(loss, has_aux=True)(params, batch)
     return (jax.tree.map(jnp.add, grads, g), nll + s, count + n), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -149,14 +156,17 @@ def _agent_step(state, batches, *, cfg: ModelConfig, h: Hyper):
   return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "h", "spmd_axis_name"),
+@functools.partial(jax.jit, static_argnames=("cfg", "h", "lora_scale", "spmd_axis_name"),
                    donate_argnames=("state",))
-def train_step(state, batches, *, cfg: ModelConfig, h: Hyper, spmd_axis_name: str | None = None):
+def train_step(state, batches, base=None, *, cfg: ModelConfig, h: Hyper, lora_scale: float = 1.0,
+               spmd_axis_name: str | None = None):
   """Update every agent. batches: dict of [A, k, b, T] arrays (k microbatches).
+  With LoRA, `state["params"]` holds the stacked adapters and `base` the one
+  frozen base (no agent axis, shared by every agent, never donated).
   Returns the new state and per-agent metrics (loss, tokens, grad_norm, lr,
   updated)."""
-  fn = functools.partial(_agent_step, cfg=cfg, h=h)
-  return jax.vmap(fn, spmd_axis_name=spmd_axis_name)(state, batches)
+  fn = functools.partial(_agent_step, cfg=cfg, h=h, lora_scale=lora_scale)
+  return jax.vmap(fn, in_axes=(0, 0, None), spmd_axis_name=spmd_axis_name)(state, batches, base)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk"))

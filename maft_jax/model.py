@@ -316,7 +316,22 @@ def _attend(cfg: ModelConfig, q_BxTxHxDh, blocks):
   return out.reshape(B, T, cfg.num_heads, cfg.head_dim)
 
 
-def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None):
+def _project(name: str, eq: str, x, p, lora, dt):
+  """x @ W (an einsum over W's input dims), plus the LoRA term when `lora`
+  holds an adapter for W: ((x @ A) @ B) * scale, with A [in, r], B [r, out]
+  over W's flattened input / output dims. Merged weights are never formed."""
+  w = p[name]
+  y = jnp.einsum(eq, x, w.astype(dt))
+  if lora is not None and name in lora[0]:
+    ab, scale = lora[0][name], lora[1]
+    n_in = ab["a"].shape[0]
+    batch_shape = y.shape[:2]
+    xa = x.reshape(batch_shape + (n_in,)) @ ab["a"].astype(dt)
+    y = y + ((xa @ ab["b"].astype(dt)) * jnp.asarray(scale, dt)).reshape(y.shape)
+  return y
+
+
+def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None, lora=None):
   """One pre-norm block; returns (x, (k, v)) with this call's keys/values.
 
   `cached` is None or (k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS): earlier cache
@@ -325,9 +340,9 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None)
   """
   dt = cfg.compute_dtype
   h = rms_norm(x_BxTxD, p["attn_norm"], cfg)
-  q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
-  k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dt))
-  v = jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dt))
+  q = _project("wq", "btd,dhk->bthk", h, p, lora, dt)
+  k = _project("wk", "btd,dhk->bthk", h, p, lora, dt)
+  v = _project("wv", "btd,dhk->bthk", h, p, lora, dt)
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   if cfg.qk_norm:
@@ -338,15 +353,15 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None)
   if cached is not None:
     k_old, v_old, old_mask = cached
     blocks.insert(0, (k_old.astype(dt), v_old.astype(dt), old_mask))
-  out = jnp.einsum("bthk,hkd->btd", _attend(cfg, q, blocks), p["wo"].astype(dt))
+  out = _project("wo", "bthk,hkd->btd", _attend(cfg, q, blocks), p, lora, dt)
   if cfg.o_bias:
     out = out + p["bo"].astype(dt)
   x = x_BxTxD + out
 
   h = rms_norm(x, p["mlp_norm"], cfg)
-  gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
-  x = x + jnp.einsum("btf,fd->btd", _activation(cfg, gate) * up, p["w_down"].astype(dt))
+  gate = _project("w_gate", "btd,df->btf", h, p, lora, dt)
+  up = _project("w_up", "btd,df->btf", h, p, lora, dt)
+  x = x + _project("w_down", "btf,fd->btd", _activation(cfg, gate) * up, p, lora, dt)
   return x, (k, v)
 
 
@@ -370,15 +385,20 @@ def embed_tokens(params: Params, tokens_BxT, cfg: ModelConfig):
 
 
 def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
-                   positions_BxT=None, segment_ids_BxT=None, cache=None):
+                   positions_BxT=None, segment_ids_BxT=None, cache=None, lora=None,
+                   lora_scale: float = 1.0):
   """Final-normed hidden states [B, T, D] and the updated cache (or None).
 
   Without a cache, tokens attend within their segment causally. With a cache,
   the T tokens are written at slots [cache.index, cache.index + T) and attend
   to every valid earlier slot; rows must be left-padded so that slot order is
   position order.
+
+  `lora`: optional adapters {target: {"a": [L, in, r], "b": [L, r, out]}}
+  (see lora.py) added to the frozen `params` with factor `lora_scale`.
   """
   B, T = tokens_BxT.shape
+  lora_layers = {} if lora is None else lora
   if segment_ids_BxT is None:
     segment_ids_BxT = jnp.ones((B, T), jnp.int32)
   segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
@@ -394,11 +414,12 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
     self_mask = _attention_mask(segment_ids_BxT, positions_BxT, segment_ids_BxT, positions_BxT,
                                 slots, slots, cfg)
 
-    def body(x, p):
-      x, _ = _layer(cfg, x, p, cos, sin, self_mask)
+    def body(x, p_l):
+      p, l = p_l
+      x, _ = _layer(cfg, x, p, cos, sin, self_mask, lora=(l, lora_scale) if l else None)
       return x, None
 
-    x, _ = jax.lax.scan(_remat(cfg, body), x, params["layers"])
+    x, _ = jax.lax.scan(_remat(cfg, body), x, (params["layers"], lora_layers))
     return rms_norm(x, params["final_norm"], cfg), None
 
   # Cached tokens are one segment (1) per row; padding is segment 0. The new
@@ -414,15 +435,17 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
 
   def body(carry, p_i):
     x, k_cache, v_cache = carry
-    p, i = p_i
-    x, (k_new, v_new) = _layer(cfg, x, p, cos, sin, self_mask, (k_cache[i], v_cache[i], old_mask))
+    p, l, i = p_i
+    x, (k_new, v_new) = _layer(cfg, x, p, cos, sin, self_mask, (k_cache[i], v_cache[i], old_mask),
+                               lora=(l, lora_scale) if l else None)
     at = (i, 0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None].astype(k_cache.dtype), at)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None].astype(v_cache.dtype), at)
     return (x, k_cache, v_cache), None
 
   (x, k_new, v_new), _ = jax.lax.scan(
-      body, (x, cache["k"], cache["v"]), (params["layers"], jnp.arange(cfg.num_layers)))
+      body, (x, cache["k"], cache["v"]),
+      (params["layers"], lora_layers, jnp.arange(cfg.num_layers)))
   new_cache = {
       "k": k_new, "v": v_new,
       "mask": jax.lax.dynamic_update_slice_in_dim(cache["mask"], valid, start, axis=1),
@@ -443,8 +466,9 @@ def logits_from_hidden(params: Params, hidden_BxTxD, cfg: ModelConfig):
 
 
 def forward(params: Params, tokens_BxT, *, cfg: ModelConfig, positions_BxT=None,
-            segment_ids_BxT=None, cache=None):
+            segment_ids_BxT=None, cache=None, lora=None, lora_scale: float = 1.0):
   """Logits f32[B, T, V] and the updated cache (None without a cache)."""
   hidden, cache = forward_hidden(params, tokens_BxT, cfg=cfg, positions_BxT=positions_BxT,
-                                 segment_ids_BxT=segment_ids_BxT, cache=cache)
+                                 segment_ids_BxT=segment_ids_BxT, cache=cache, lora=lora,
+                                 lora_scale=lora_scale)
   return logits_from_hidden(params, hidden, cfg), cache

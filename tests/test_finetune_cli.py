@@ -46,3 +46,22 @@ def test_finetune_cli_bad_input(hf_models, tmp_path):
   proc = cli.run("finetune", f"--checkpoint={ckpt}", f"--data={bad}", f"--out={tmp_path / 'o'}",
                  check=False)
   assert proc.returncode != 0 and "population of 2 agents" in proc.stderr
+
+
+def test_finetune_cli_lora_merges_and_leaves_idle_agent_identical(hf_models, tmp_path):
+  src = hf_models("llama")
+  ckpt, out, exported = (str(tmp_path / n) for n in ("ckpt", "ckpt2", "hf"))
+  cli.run("import_hf", f"--hf_dir={src}", f"--out={ckpt}", "--agents=2")
+  rows = [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(4)]
+  full, empty = tmp_path / "a0.jsonl", tmp_path / "a1.jsonl"
+  full.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  empty.write_text("")
+  cli.run("finetune", f"--checkpoint={ckpt}", f"--data={full},{empty}", f"--out={out}",
+          "--epochs=1", "--lr=1e-2", "--batch_size=2", "--seq_len=32", "--dtype=float32",
+          "--lora_rank=4")
+  cli.run("export_hf", f"--checkpoint={out}", "--agent=all", f"--out={exported}")
+  _assert_bit_identical(src, os.path.join(exported, "agent_1"))
+  before, after = _tensors(src), _tensors(os.path.join(exported, "agent_0"))
+  changed = {k for k in before if before[k].tobytes() != after[k].tobytes()}
+  # Only adapted projections change; embeddings, norms and the head stay frozen.
+  assert changed and all(("proj" in k) for k in changed), sorted(changed)[:5]

@@ -1,0 +1,94 @@
+"""LoRA: per-agent low-rank adapters on one shared, frozen base.
+
+The base parameters have no agent axis; each agent's adapters are stacked on
+a leading agent axis, and the population forward is vmapped with
+`in_axes=(None, 0)`, so one copy of the base weights serves every agent. For
+a target projection W (input dims `in`, output dims `out`, flattened) an
+adapter is A [L, in, r] and B [L, r, out]; the forward adds
+((x @ A) @ B) * alpha / r without forming W + A @ B (model._project). B
+starts at zero, so a fresh adapter reproduces the base exactly; A starts
+normal with std 1/r (kept small so the first updates are well scaled).
+`merge` folds an agent's adapters into full weights, for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maft_jax import model
+from maft_jax.model import ModelConfig, Params
+
+# target -> number of input dims after the layer axis (the rest are outputs).
+TARGETS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  rank: int = 16
+  alpha: float = 32.0
+  targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"LoraConfig.rank={self.rank} must be >= 1")
+    unknown = [t for t in self.targets if t not in TARGETS]
+    if unknown or not self.targets:
+      raise ValueError(f"LoraConfig.targets={self.targets!r}: choose from {tuple(TARGETS)}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def adapter_shapes(cfg: ModelConfig, lcfg: LoraConfig) -> dict:
+  """{target: {"a": (L, in, r), "b": (L, r, out)}} for one agent."""
+  layers = model.param_shapes(cfg)["layers"]
+  out = {}
+  for t in lcfg.targets:
+    shape = layers[t].shape
+    n_in = TARGETS[t]
+    fan_in, fan_out = math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:])
+    out[t] = {"a": (shape[0], fan_in, lcfg.rank), "b": (shape[0], lcfg.rank, fan_out)}
+  return out
+
+
+def axes(lcfg: LoraConfig) -> dict:
+  """Logical axes of one agent's adapters (the rank axis is replicated)."""
+  return {t: {"a": ("layers", "embed", None), "b": ("layers", None, "embed")}
+          for t in lcfg.targets}
+
+
+def init(cfg: ModelConfig, lcfg: LoraConfig, key: jax.Array, num_agents: int,
+         dtype=jnp.float32) -> dict:
+  """Stacked adapters [A, ...]: A ~ normal(0, 1/r), B = 0 (delta starts at 0)."""
+  shapes = adapter_shapes(cfg, lcfg)
+  keys = jax.random.split(key, len(shapes))
+  out = {}
+  for k, (t, s) in zip(keys, sorted(shapes.items())):
+    a = jax.random.normal(k, (num_agents,) + s["a"], jnp.float32) / lcfg.rank
+    out[t] = {"a": a.astype(dtype), "b": jnp.zeros((num_agents,) + s["b"], dtype)}
+  return out
+
+
+def merge(base: Params, adapters: dict, lcfg: LoraConfig) -> Params:
+  """One agent's full weights: W + (A @ B) * scale in float32, cast back."""
+  layers = dict(base["layers"])
+  for t, ab in adapters.items():
+    w = layers[t]
+    delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
+    layers[t] = (w.astype(jnp.float32) + lcfg.scale * delta.reshape(w.shape)).astype(w.dtype)
+  return {**base, "layers": layers}
+
+
+def merge_population(base: Params, adapters: dict, lcfg: LoraConfig) -> Params:
+  """Full weights of every agent, stacked [A, ...] (for export)."""
+  return jax.vmap(lambda ad: merge(base, ad, lcfg))(adapters)
+
+
+def count(adapters: dict) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))

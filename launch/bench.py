@@ -1,6 +1,7 @@
 r"""Benchmarks, measured side by side in one process on one card.
 
     python -m launch.bench --what=sample [--tiny] [--peer]
+    python -m launch.bench --what=train [--tiny] [--peer]
 
 `--what=sample` runs the reference sampling workload: Qwen2-0.5B
 architecture, random init, bf16, 64 prompts of 128 tokens per agent, 256 new
@@ -12,7 +13,18 @@ the measured bandwidth, plus prefill FLOPs over the measured matmul rate),
 and the ratio of the vmapped population against the same agents sampled one
 after another. `--peer` also runs ../shared/bench/hf_generate_peer.py (HF
 transformers `generate`, one model per agent) in the same command and prints
-our ratio against it. `--tiny` is a CPU-sized version of all of it.
+our ratio against it.
+
+`--what=train` runs the reference training workload: Qwen2-0.5B architecture,
+16 sequences of 1024 tokens per agent per step, bf16 compute, fp32 master
+weights and AdamW state, for A = 1, 2, 4, 8 agents, plus LoRA rows (rank 16,
+all projections, one shared frozen base). It prints trained tok/s, MFU
+(6·P·tokens over the card's dense bf16 peak: --peak_tflops, default the
+datasheet value for H100/H200, else the matmul rate measured in the run), the
+vmapped-vs-sequential ratio and peak device memory; `--peer` also runs
+../shared/bench/hf_train_peer.py --compile in the same command.
+
+`--tiny` is a CPU-sized version of all of it.
 """
 
 from __future__ import annotations
@@ -31,7 +43,13 @@ from absl import app, flags
 
 from maft_jax import model, population, presets, sampling
 
-_WHAT = flags.DEFINE_enum("what", "sample", ["sample"], "Which benchmark.")
+_WHAT = flags.DEFINE_enum("what", "sample", ["sample", "train"], "Which benchmark.")
+_SEQ = flags.DEFINE_integer("seq", None, "Train: tokens per sequence (default 1024; tiny 64).")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", None,
+                                    "Train: sequences per agent per step (default 16; tiny 4).")
+_REMAT = flags.DEFINE_enum("remat", "dots_no_batch", ["none", "full", "dots", "dots_no_batch"],
+                           "Train: rematerialisation policy.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Train: dense bf16 peak of the card.")
 _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized workload.")
 _PEER = flags.DEFINE_bool("peer", False, "Also run the HF peer in this command.")
 _AGENTS = flags.DEFINE_list("agents", None, "Agent counts (default 1,2,4,8; tiny 1,2).")
@@ -148,10 +166,108 @@ def bench_sample():
       print(f"peer ratio at A={A_ref}: {ours:,.0f} / {peer:,.0f} = {ours / peer:.1f}x")
 
 
+DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def peak_flops(measured: float) -> tuple[float, str]:
+  if _PEAK.value:
+    return _PEAK.value * 1e12, "--peak_tflops"
+  kind = jax.devices()[0].device_kind
+  for name, tflops in DATASHEET_TFLOPS.items():
+    if name in kind:
+      return tflops * 1e12, f"{name} datasheet"
+  return measured, "measured matmul"
+
+
+def peak_memory() -> str:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return f"{peak / 2**30:.1f} GiB" if peak else "n/a"
+
+
+def bench_train():
+  from maft_jax import finetune, lora
+  tiny = _TINY.value
+  base_cfg = TINY_CFG if tiny else presets.model_config(_ARCH.value)
+  cfg = dataclasses.replace(base_cfg, dtype="bfloat16", param_dtype="float32",
+                            remat=_REMAT.value)
+  agents = [int(a) for a in (_AGENTS.value or (["1", "2"] if tiny else ["1", "2", "4", "8"]))]
+  B = _TRAIN_BATCH.value or (4 if tiny else 16)
+  T = _SEQ.value or (64 if tiny else 1024)
+  repeats = _REPEATS.value
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}",
+        flush=True)
+  flops, source = peak_flops(measure_matmul(1024 if tiny else 8192, repeats))
+  print(f"peak: {flops / 1e12:.1f} TFLOP/s bf16 ({source})", flush=True)
+  P = model.count_params(model.param_shapes(cfg))
+  h = finetune.Hyper(learning_rate=1e-5, ce_chunk=256 if tiny else 1024)
+
+  def batch_for(A):
+    tokens = jax.random.randint(jax.random.key(0), (A, 1, B, T), 0, cfg.vocab_size, jnp.int32)
+    ones = jnp.ones_like(tokens)
+    return {"tokens_BxT": tokens, "loss_mask_BxT": ones, "segment_ids_BxT": ones,
+            "positions_BxT": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)}
+
+  def time_steps(state, batch, base=None, scale=1.0):
+    holder = {"state": state}
+
+    def step():
+      holder["state"], m = finetune.train_step(holder["state"], batch, base, cfg=cfg, h=h,
+                                               lora_scale=scale)
+      return m["loss"]
+    return median_time(step, repeats)
+
+  rows = []
+  for A in agents:
+    state = finetune.init_state(population.init(cfg, jax.random.key(1), A), h, 100)
+    t = time_steps(state, batch_for(A))
+    del state
+    singles = [finetune.init_state(population.init(cfg, jax.random.key(1 + i), 1), h, 100)
+               for i in range(A)]
+    one = batch_for(1)
+    t_seq = sum(time_steps(s, one) for s in singles)
+    del singles
+    tokens = A * B * T
+    rows.append((f"full A={A}", tokens / t, 6 * P * tokens / t / flops, t_seq / t, peak_memory()))
+  lcfg = lora.LoraConfig(rank=16, alpha=32.0)
+  base = model.init_params(cfg, jax.random.key(2))
+  for A in [a for a in agents if a >= 2][-2:] or agents[-1:]:
+    adapters = lora.init(cfg, lcfg, jax.random.key(3), A)
+    state = finetune.init_state(adapters, h, 100)
+    t = time_steps(state, batch_for(A), base, lcfg.scale)
+    tokens = A * B * T
+    # LoRA's model FLOPs: the full forward and input-gradient backward (4·P per
+    # token) plus the adapters' own 6·P_lora; reported against 6·P like the peer.
+    rows.append((f"LoRA r16 A={A}", tokens / t, 6 * P * tokens / t / flops, float("nan"),
+                 peak_memory()))
+  print(f"\ntraining: {'tiny' if tiny else _ARCH.value} ({P / 1e6:.1f}M params/agent), "
+        f"{B} x {T} tokens per agent per step, bf16 compute, fp32 master + AdamW, "
+        f"remat={_REMAT.value}")
+  print(f"{'run':>14} {'tok/s':>12} {'MFU':>7} {'vs sequential':>14} {'peak mem':>10}")
+  for name, tps, mfu, ratio, mem in rows:
+    ratio_s = "" if ratio != ratio else f"{ratio:.2f}x"
+    print(f"{name:>14} {tps:>12,.0f} {mfu:>6.1%} {ratio_s:>14} {mem:>10}")
+  if _PEER.value:
+    script = os.path.join(os.path.dirname(os.path.abspath(_PEER_SCRIPT.value)),
+                          "hf_train_peer.py")
+    A_ref = 4 if 4 in agents else agents[-1]
+    cmd = [sys.executable, script, "--arch", _ARCH.value, "--agents", str(A_ref), "--batch",
+           str(B), "--seq", str(T), "--compile"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print(proc.stdout.strip() or proc.stderr.strip()[-2000:], flush=True)
+    m = re.search(r"([\d.]+) tok/s", proc.stdout)
+    ours = dict((r[0], r[1]) for r in rows).get(f"full A={A_ref}")
+    if m and ours:
+      print(f"peer ratio at A={A_ref}: {ours:,.0f} / {float(m.group(1)):,.0f} = "
+            f"{ours / float(m.group(1)):.2f}x")
+
+
 def main(argv):
   del argv
   if _WHAT.value == "sample":
     bench_sample()
+  else:
+    bench_train()
 
 
 if __name__ == "__main__":

@@ -83,3 +83,9 @@ def test_bench_sample_tiny_runs():
   assert "ceilings:" in proc.stdout
   row = [l for l in proc.stdout.splitlines() if l.strip().startswith("2 ")]
   assert len(row) == 1 and "%" in row[0] and "x" in row[0]
+
+
+def test_bench_train_tiny_runs():
+  proc = cli.run("bench", "--what=train", "--tiny", "--agents=1", "--repeats=1", "--seq=32")
+  rows = [l.split() for l in proc.stdout.splitlines() if l.strip().startswith(("full", "LoRA"))]
+  assert [r[0] for r in rows] == ["full", "LoRA"] and all(any(c.endswith("%") for c in r) for r in rows)

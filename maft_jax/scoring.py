@@ -1,0 +1,133 @@
+"""Jitted batched scoring over the population: votes, consensus, selection
+masks and the cross-agent NLL matrix.
+
+Answer keys (strings from `Task.extract_answer`, None for no answer) are
+turned into small integer ids per problem on the host (`answer_ids`); every
+decision after that is a jitted function of `i32[A, B]` arrays:
+
+    consensus(ids_AxB, key)            -> consensus_B, votes_B   (-1: no answer)
+    paper_selection(...)               -> D^G, D^C-, D^C+ masks   bool[N, B]
+    cross_agent_weights(...)           -> f32[A, A', B] training weights
+    cross_nll(pop, batches)            -> f32[A_scorer, A_author]
+
+Ties are broken by a seeded random choice among the tied answers (random
+priorities drawn from `key`), never by answer order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maft_jax import finetune
+from maft_jax.model import ModelConfig, Params
+
+NO_ANSWER = -1
+
+
+def answer_ids(keys: Sequence[Sequence[str | None]]) -> tuple[np.ndarray, list[list[str]]]:
+  """keys[a][b] -> (ids i32[A, B], names[b]): equal keys of one problem share
+  an id (0, 1, ... in order of first appearance); None -> NO_ANSWER."""
+  A, B = len(keys), len(keys[0]) if keys else 0
+  ids = np.full((A, B), NO_ANSWER, np.int32)
+  names: list[list[str]] = [[] for _ in range(B)]
+  for b in range(B):
+    seen: dict[str, int] = {}
+    for a in range(A):
+      k = keys[a][b]
+      if k is None:
+        continue
+      if k not in seen:
+        seen[k] = len(seen)
+        names[b].append(k)
+      ids[a, b] = seen[k]
+  return ids, names
+
+
+@jax.jit
+def consensus(ids_AxB: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Majority answer id per problem (-1 when nobody answered) and its votes."""
+  A, B = ids_AxB.shape
+  # votes[b, v]: how many agents gave answer id v to problem b (ids < A).
+  onehot = (ids_AxB[:, :, None] == jnp.arange(A)[None, None, :]) & (ids_AxB[:, :, None] >= 0)
+  votes = jnp.sum(onehot, axis=0)                                  # [B, A]
+  top = jnp.max(votes, axis=1, keepdims=True)
+  tied = (votes == top) & (top > 0)
+  noise = jax.random.uniform(key, votes.shape)                     # seeded tie-break
+  choice = jnp.argmax(jnp.where(tied, noise, -1.0), axis=1).astype(jnp.int32)
+  has = top[:, 0] > 0
+  return jnp.where(has, choice, NO_ANSWER), jnp.where(has, top[:, 0], 0)
+
+
+@jax.jit
+def agreement(ids_AxB: jax.Array, target_B: jax.Array) -> jax.Array:
+  """bool[A, B]: agent a's answer to b equals the target (never for no answer)."""
+  return (ids_AxB == target_B[None, :]) & (ids_AxB >= 0)
+
+
+@functools.partial(jax.jit, static_argnames=("critic_weight",))
+def paper_selection(gen_ok_NxB, critic_first_ok_NxB, critic_final_ok_NxB, key, *,
+                    critic_weight: float = 0.5):
+  """The paper's per-agent datasets, as masks over problems.
+
+  gen_ok: generator n's round-1 answer agrees (with consensus, or with the
+  reference in `ground_truth` mode) -> D^G_n. For critic n, D^C-_n are the
+  transcripts it corrected (round 1 wrong, final round right) and D^C+_n those
+  that stayed right; the critic's set mixes them so that corrected ones make
+  up `critic_weight` of it where possible: all of D^C-_n, and a seeded random
+  subset of D^C+_n of size |D^C-_n| (1-w)/w (all of it when that is larger;
+  with no corrections, w=0.5 keeps half of D^C+_n, so critics still train).
+  Returns (d_g, d_c_minus, d_c_plus, d_c_plus_kept), each bool[N, B].
+  """
+  d_g = gen_ok_NxB
+  d_minus = ~critic_first_ok_NxB & critic_final_ok_NxB
+  d_plus = critic_first_ok_NxB & critic_final_ok_NxB
+  n_minus = jnp.sum(d_minus, axis=1, keepdims=True).astype(jnp.float32)
+  n_plus = jnp.sum(d_plus, axis=1, keepdims=True).astype(jnp.float32)
+  w = critic_weight
+  want = jnp.where(n_minus > 0, jnp.ceil(n_minus * (1 - w) / w), jnp.ceil(n_plus * (1 - w)))
+  # Keep the `want` D^C+ problems with the smallest random priorities.
+  prio = jnp.where(d_plus, jax.random.uniform(key, d_plus.shape), jnp.inf)
+  rank = jnp.argsort(jnp.argsort(prio, axis=1), axis=1)
+  kept = d_plus & (rank < want)
+  return d_g, d_minus, d_plus, kept
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def cross_agent_weights(correct_AxB, nll_AxA_B, *, temperature: float = 1.0):
+  """Training weights for the cross-agent variant: w[a, a', b] is how much
+  agent a trains on agent a''s verified response to problem b.
+
+  Only verified responses carry weight. Agent a's weight on a response grows
+  when a failed the problem itself (specialise where weak: factor 2 vs 1)
+  and when a finds the response unlikely (its NLL under a, softmaxed over
+  the verified authors at `temperature`); each agent's weights over a
+  problem's verified responses sum to that factor, and its own verified
+  response always keeps weight at least 1 (it keeps its own successes).
+  nll_AxA_B[a, a', b]: per-token NLL of author a''s response b under agent a.
+  """
+  ok = correct_AxB[None, :, :]                                   # author verified [1, A', B]
+  logits = jnp.where(ok, nll_AxA_B / temperature, -jnp.inf)
+  has_any = jnp.any(ok, axis=1, keepdims=True)
+  soft = jnp.where(has_any, jax.nn.softmax(jnp.where(has_any, logits, 0.0), axis=1), 0.0)
+  factor = jnp.where(correct_AxB, 1.0, 2.0)[:, None, :]          # a failed b -> 2
+  w = soft * factor
+  A = correct_AxB.shape[0]
+  own = jnp.eye(A, dtype=bool)[:, :, None] & ok
+  return jnp.where(own, jnp.maximum(w, 1.0), w)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk"))
+def cross_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512):
+  """f32[A_scorer, A_author]: mean completion-token NLL of every agent's
+  responses (batches: dict of [A_author, b, T], SFT layout) under every agent,
+  in one doubly vmapped program."""
+  def one(params, batch):
+    s, n = finetune.token_nll(params, batch, cfg, ce_chunk)
+    return s / jnp.maximum(n, 1)
+  per_author = jax.vmap(one, in_axes=(None, 0))
+  return jax.vmap(per_author, in_axes=(0, None))(pop, batches)

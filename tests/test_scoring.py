@@ -1,0 +1,94 @@
+"""Selection semantics on hand-built answer matrices; cross-agent NLL."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maft_jax import data, finetune, model, population, scoring
+
+
+def test_answer_ids_share_ids_per_problem():
+  ids, names = scoring.answer_ids([["7", None, "1/2"], ["7", "3", "0"], ["8", "3", "1/2"]])
+  np.testing.assert_array_equal(ids, [[0, -1, 0], [0, 0, 1], [1, 0, 0]])
+  assert names == [["7", "8"], ["3"], ["1/2", "0"]]
+
+
+def test_consensus_majority_ties_and_no_answer():
+  ids = jnp.asarray([[0, 0, 1, -1, 0],
+                     [0, 1, 1, -1, 1],
+                     [1, 2, 0, -1, 2]], jnp.int32)
+  # problem 0: 0 wins 2-1; 1: three-way tie; 2: 1 wins; 3: nobody; 4: tie of three
+  winners = set()
+  for seed in range(40):
+    c, votes = scoring.consensus(ids, jax.random.key(seed))
+    c, votes = np.asarray(c), np.asarray(votes)
+    assert c[0] == 0 and c[2] == 1 and c[3] == -1
+    assert votes.tolist()[:4] == [2, 1, 2, 0]
+    assert c[1] in (0, 1, 2) and c[4] in (0, 1, 2)
+    winners.add(int(c[1]))
+  assert winners == {0, 1, 2}  # every tied answer can win, by the seed
+  again = scoring.consensus(ids, jax.random.key(3))[0]
+  np.testing.assert_array_equal(again, scoring.consensus(ids, jax.random.key(3))[0])
+  agree = scoring.agreement(ids, jnp.asarray([0, 1, 1, -1, 2]))
+  np.testing.assert_array_equal(agree, [[1, 0, 1, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
+
+
+def test_paper_selection_masks():
+  gen_ok = jnp.asarray([[1, 0, 1, 1], [0, 0, 1, 0]], bool)
+  first = jnp.asarray([[0, 1, 1, 0, 1, 1, 1, 1],
+                       [1, 1, 1, 1, 1, 1, 0, 0]], bool)
+  final = jnp.asarray([[1, 1, 1, 0, 1, 1, 1, 1],
+                       [1, 1, 1, 1, 1, 1, 0, 1]], bool)
+  gen_ok = jnp.pad(gen_ok, ((0, 0), (0, 4)))
+  d_g, d_minus, d_plus, kept = scoring.paper_selection(gen_ok, first, final, jax.random.key(0),
+                                                       critic_weight=0.5)
+  np.testing.assert_array_equal(d_g, gen_ok)
+  np.testing.assert_array_equal(d_minus, [[1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1]])
+  np.testing.assert_array_equal(d_plus, [[0, 1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
+  kept = np.asarray(kept)
+  assert np.all(kept <= np.asarray(d_plus))
+  # w = 0.5: as many kept D^C+ as corrected D^C- (one each).
+  assert kept.sum(axis=1).tolist() == [1, 1]
+  # w = 0.25: corrected make up a quarter -> three D^C+ per correction.
+  *_, kept25 = scoring.paper_selection(gen_ok, first, final, jax.random.key(0),
+                                       critic_weight=0.25)
+  assert np.asarray(kept25).sum(axis=1).tolist() == [3, 3]
+  # No corrections at all: half of D^C+ is kept so critics still train.
+  *_, kept0 = scoring.paper_selection(gen_ok, first, first, jax.random.key(1))
+  assert np.asarray(kept0).sum(axis=1).tolist() == [3, 3]
+
+
+def test_cross_agent_weights():
+  correct = jnp.asarray([[1, 0], [1, 1], [0, 0]], bool)            # [A, B]
+  nll = jnp.asarray(np.random.default_rng(0).uniform(0.5, 3.0, (3, 3, 2)), jnp.float32)
+  w = np.asarray(scoring.cross_agent_weights(correct, nll))
+  assert np.all(w[:, 2, :] == 0)                 # agent 2 never verified: nobody trains on it
+  assert np.all(w[:, 0, 1] == 0)                 # agent 0 failed problem 1
+  assert w[0, 0, 0] >= 1 and w[1, 1, 0] >= 1 and w[1, 1, 1] >= 1  # own successes kept
+  # Agent 2 failed problem 0: its weights over the verified authors sum to 2,
+  # and the author it finds less likely gets more.
+  assert w[2, :, 0].sum() == pytest.approx(2.0, abs=1e-5)
+  hi, lo = (0, 1) if nll[2, 0, 0] > nll[2, 1, 0] else (1, 0)
+  assert w[2, hi, 0] > w[2, lo, 0]
+  assert np.all(w[:, 1, 1] > 0) and w[2, 1, 1] == pytest.approx(2.0)
+
+
+def test_cross_nll_equals_per_pair():
+  cfg = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+  pop = population.init(cfg, jax.random.key(0), 3)
+  rng = np.random.default_rng(1)
+  per_author = []
+  for a in range(3):
+    ex = [{"prompt_ids": rng.integers(1, 64, 3).tolist(),
+           "completion_ids": rng.integers(1, 64, 4).tolist()} for _ in range(3)]
+    per_author.append(next(data.sft_batches(ex, batch_size=3, seq_len=16, seed=0, pad_id=0)))
+  batches = {k: jnp.asarray(np.stack([b[k] for b in per_author])) for k in per_author[0]}
+  m = np.asarray(scoring.cross_nll(pop, batches, cfg=cfg))
+  assert m.shape == (3, 3)
+  nll = jax.jit(finetune.token_nll, static_argnums=(2, 3))
+  for scorer in range(3):
+    for author in range(3):
+      s, n = nll(population.select(pop, scorer), per_author[author], cfg, 512)
+      assert m[scorer, author] == pytest.approx(float(s / n), abs=1e-5)

@@ -384,6 +384,49 @@ def embed_tokens(params: Params, tokens_BxT, cfg: ModelConfig):
   return x
 
 
+def _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg, lora_layers,
+                 lora_scale, *, keep_kv: bool):
+  """All layers without a cache; with keep_kv, also every layer's k and v
+  stacked [L, B, T, K, Dh] (for filling a cache)."""
+  T = x.shape[1]
+  slots = jnp.arange(T)
+  self_mask = _attention_mask(segment_ids_BxT, positions_BxT, segment_ids_BxT, positions_BxT,
+                              slots, slots, cfg)
+
+  def body(x, p_l):
+    p, l = p_l
+    x, kv = _layer(cfg, x, p, cos, sin, self_mask, lora=(l, lora_scale) if l else None)
+    return x, (kv if keep_kv else None)
+
+  return jax.lax.scan(_remat(cfg, body), x, (params["layers"], lora_layers))
+
+
+def prefill(params: Params, tokens_BxT, *, cfg: ModelConfig, positions_BxT, segment_ids_BxT,
+            cache_len: int, lora=None, lora_scale: float = 1.0):
+  """Hidden states of a prompt batch and a fresh cache of `cache_len` slots
+  holding it (slots [0, T)). Attention runs over the prompt only: an empty
+  cache is never read, and nothing cache-sized is folded at compile time."""
+  B, T = tokens_BxT.shape
+  segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
+  positions_BxT = positions_BxT.astype(jnp.int32)
+  x = embed_tokens(params, tokens_BxT, cfg)
+  cos, sin = rope_tables(cfg, positions_BxT, cfg.compute_dtype)
+  x, (k, v) = _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg,
+                           {} if lora is None else lora, lora_scale, keep_kv=True)
+  pad = cache_len - T
+  if pad < 0:
+    raise ValueError(f"prefill: cache_len={cache_len} is shorter than the prompt ({T})")
+  kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+  cache = {
+      "k": jnp.pad(k.astype(cfg.compute_dtype), kv_pad),
+      "v": jnp.pad(v.astype(cfg.compute_dtype), kv_pad),
+      "mask": jnp.pad(segment_ids_BxT != 0, ((0, 0), (0, pad))),
+      "pos": jnp.pad(positions_BxT, ((0, 0), (0, pad))),
+      "index": jnp.asarray(T, jnp.int32),
+  }
+  return rms_norm(x, params["final_norm"], cfg), cache
+
+
 def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
                    positions_BxT=None, segment_ids_BxT=None, cache=None, lora=None,
                    lora_scale: float = 1.0):
@@ -411,15 +454,8 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
   slots = jnp.arange(T)
 
   if cache is None:
-    self_mask = _attention_mask(segment_ids_BxT, positions_BxT, segment_ids_BxT, positions_BxT,
-                                slots, slots, cfg)
-
-    def body(x, p_l):
-      p, l = p_l
-      x, _ = _layer(cfg, x, p, cos, sin, self_mask, lora=(l, lora_scale) if l else None)
-      return x, None
-
-    x, _ = jax.lax.scan(_remat(cfg, body), x, (params["layers"], lora_layers))
+    x, _ = _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg, lora_layers,
+                        lora_scale, keep_kv=False)
     return rms_norm(x, params["final_norm"], cfg), None
 
   # Cached tokens are one segment (1) per row; padding is segment 0. The new

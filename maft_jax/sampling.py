@@ -159,11 +159,9 @@ jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "le
 def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cache_len: int,
                  num_samples: int):
   """Prefill B prompts once, then give each of its num_samples rows a copy."""
-  B, T = prompt_BxT.shape
-  cache = model.init_cache(cfg, B, cache_len)
   positions = model.positions_from_mask(mask_BxT)
-  hidden, cache = model.forward_hidden(params, prompt_BxT, cfg=cfg, positions_BxT=positions,
-                                       segment_ids_BxT=mask_BxT.astype(jnp.int32), cache=cache)
+  hidden, cache = model.prefill(params, prompt_BxT, cfg=cfg, positions_BxT=positions,
+                                segment_ids_BxT=mask_BxT.astype(jnp.int32), cache_len=cache_len)
   logits = model.logits_from_hidden(params, hidden[:, -1:], cfg)[:, 0]
   rows = lambda x, axis: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
   cache = {"k": rows(cache["k"], 1), "v": rows(cache["v"], 1), "mask": rows(cache["mask"], 0),

@@ -1,0 +1,108 @@
+"""Multi-round debate over a population, and the per-agent SFT data it selects.
+
+Slots. A debate has N slots. Round 1 is answered by the N generation agents
+(slot n = generator n); rounds 2..M by the N critic agents (slot n = critic
+n), each of which sees its slot's previous answer as its own and the other
+slots' previous answers as advice, concatenated or summarised by the critic
+itself (`summarize`). Without critics (the paper's ablation) the generation
+agents answer every round. Every round is one population generation call
+(per-agent prompts `[A][P]`), so all slots sample in one jitted program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from maft_jax import generation
+from maft_jax.model import Params
+from maft_jax.tasks import prompts
+from maft_jax.tasks.base import Problem, Task
+
+SUMMARY_INSTRUCTION = (
+    "Here are solutions to the problem from other agents:{advice}\n\nSummarize these solutions "
+    "concisely: their reasoning and the final answers they reach.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Debate:
+  """texts[m][n][b], keys[m][n][b] (answer keys, None = no answer) and the
+  chat messages each slot answered, messages[m][n][b]."""
+  texts: list[list[list[str]]]
+  keys: list[list[list[str | None]]]
+  messages: list[list[list[list[dict[str, str]]]]]
+
+  @property
+  def num_rounds(self) -> int:
+    return len(self.texts)
+
+
+def _advice(others: Sequence[str]) -> str:
+  return "".join(f"\n\nOne agent solution: ```{o}```" for o in others)
+
+
+def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
+        generators: Params, critics: Params | None, rounds: int, options: generation.Options,
+        seed: int, summarize: bool = False) -> Debate:
+  """Debate `problems` for `rounds` rounds (see the module docstring).
+
+  `generators` / `critics`: populations of N agents each (critics None for
+  the no-critic ablation). Completions must be single samples per prompt.
+  """
+  if rounds < 1:
+    raise ValueError(f"rounds={rounds} must be >= 1")
+  if options.num_samples != 1:
+    raise ValueError("a debate takes one sample per prompt and slot (num_samples=1)")
+  tok = gen.tok
+  fmt = task.answer_format
+
+  def ask(pop: Params, msgs: list[list[list[dict]]], round_seed: int) -> list[list[str]]:
+    texts = [[prompts.to_text(m, tok)[0] for m in per_slot] for per_slot in msgs]
+    special = not (tok is not None and tok.chat_template)
+    out = gen.generate(pop, texts, options=options, seed=round_seed, add_special_tokens=special)
+    return [[c[0].text for c in per_slot] for per_slot in out]
+
+  first = [prompts.round1(p, fmt) for p in problems]
+  n_slots = _num_agents(generators)
+  msgs = [[first] * n_slots]
+  texts = [ask(generators, msgs[0], seed * 1000 + 1)]
+  speakers = critics if critics is not None else generators
+  for m in range(1, rounds):
+    prev = texts[-1]
+    others = [[[prev[o][b] for o in range(n_slots) if o != n] for b in range(len(problems))]
+              for n in range(n_slots)]
+    if summarize:
+      summary_msgs = [[[{"role": "user", "content": SUMMARY_INSTRUCTION.format(
+          advice=_advice(others[n][b]))}] for b in range(len(problems))] for n in range(n_slots)]
+      summaries = ask(speakers, summary_msgs, seed * 1000 + 100 + m)
+      advice = [[[summaries[n][b]] for b in range(len(problems))] for n in range(n_slots)]
+    else:
+      advice = others
+    round_msgs = [[prompts.debate_round(problems[b], own=prev[n][b], others=advice[n][b],
+                                        answer_format=fmt)
+                   for b in range(len(problems))] for n in range(n_slots)]
+    msgs.append(round_msgs)
+    texts.append(ask(speakers, round_msgs, seed * 1000 + 1 + m))
+  keys = [[[task.extract_answer(t) for t in per_slot] for per_slot in per_round]
+          for per_round in texts]
+  return Debate(texts=texts, keys=keys, messages=msgs)
+
+
+def _num_agents(pop: Params) -> int:
+  import jax
+  return jax.tree.leaves(pop)[0].shape[0]
+
+
+def sft_rows(debate: Debate, round_index: int, mask_NxB, tokenizer) -> list[list[dict]]:
+  """Per slot, the {"prompt", "completion"} rows selected by `mask_NxB` from
+  round `round_index`: the prompt that slot answered, rendered exactly as it
+  was sampled, and its own response."""
+  rows = []
+  for n, per_problem in enumerate(debate.messages[round_index]):
+    slot_rows = []
+    for b, msgs in enumerate(per_problem):
+      if bool(mask_NxB[n][b]):
+        slot_rows.append({"prompt": prompts.to_text(msgs, tokenizer)[0],
+                          "completion": debate.texts[round_index][n][b]})
+    rows.append(slot_rows)
+  return rows

@@ -17,7 +17,6 @@ frozen copy of the base and train per-agent adapters (--lora_alpha,
 --lora_targets); the adapters are merged into full weights in --out.
 """
 
-import json
 import sys
 import time
 
@@ -27,6 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from maft_jax import checkpoint, data, finetune, lora, population
+from maft_jax.tasks.base import read_jsonl, require
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input population checkpoint.",
                                   required=True)
@@ -57,21 +57,12 @@ _LORA_TARGETS = flags.DEFINE_list("lora_targets", list(lora.TARGETS),
 def read_rows(path: str, tokenizer, eos_id: int) -> list[dict]:
   """Tokenised examples of one agent's JSONL file; errors name file and line."""
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-              and isinstance(row.get("completion"), str)):
-        raise ValueError(f"{path}:{lineno}: expected an object with string fields "
-                         "\"prompt\" and \"completion\"")
-      completion = tokenizer.encode(row["completion"], add_special_tokens=False) + [eos_id]
-      examples.append({"prompt_ids": tokenizer.encode(row["prompt"]),
-                       "completion_ids": completion})
+  for lineno, row in read_jsonl(path):
+    where = f"{path}:{lineno}"
+    prompt, completion = require(row, "prompt", where), require(row, "completion", where)
+    examples.append({"prompt_ids": tokenizer.encode(prompt),
+                     "completion_ids": tokenizer.encode(completion, add_special_tokens=False)
+                     + [eos_id]})
   return examples
 
 

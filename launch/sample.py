@@ -21,6 +21,7 @@ from absl import app, flags, logging
 
 from launch import common
 from maft_jax import generation, sampling
+from maft_jax.tasks.base import read_jsonl, require
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Local HF model directory.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint.")
@@ -45,18 +46,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Comput
 
 
 def read_prompts(path: str) -> list[str]:
-  prompts = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        raise ValueError(f"{path}:{lineno}: expected an object with a string field \"prompt\"")
-      prompts.append(record["prompt"])
+  """The "prompt" of every line; a bad line fails naming file and line."""
+  prompts = [require(rec, "prompt", f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
   if not prompts:
     raise ValueError(f"{path}: no prompts")
   return prompts

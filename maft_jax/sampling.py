@@ -251,8 +251,8 @@ def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
   T = prompts.shape[-1]
   state = prefill(pop, prompts, prompt_mask, cfg=cfg, cache_len=T + max_new_tokens,
                   num_samples=num_samples)
-  samples, _ = decode(pop, state, key, row_ids, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
-                      stop_ids=tuple(stop_ids), pad_id=pad_id)
+  samples, _ = decode(pop, state, key, row_ids, cfg=cfg, method=method,
+                      max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id)
   return samples
 
 

@@ -17,6 +17,8 @@ frozen copy of the base and train per-agent adapters (--lora_alpha,
 --lora_targets); the adapters are merged into full weights in --out.
 """
 
+import dataclasses
+import json
 import sys
 import time
 
@@ -46,7 +48,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Comput
 _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch"],
                            "Rematerialisation policy.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training checkpoints (resume from here).")
-_SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Steps between training checkpoints.")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Steps between training checkpoints.",
+                                   lower_bound=1)
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full finetuning).",
                                   lower_bound=0)
 _LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default 2 x rank).")
@@ -55,14 +58,25 @@ _LORA_TARGETS = flags.DEFINE_list("lora_targets", list(lora.TARGETS),
 
 
 def read_rows(path: str, tokenizer, eos_id: int) -> list[dict]:
-  """Tokenised examples of one agent's JSONL file; errors name file and line."""
+  """Tokenised examples of one agent's JSONL file; errors name file and line.
+
+  Optional per-row fields: "add_special_tokens" (default true; false for a
+  prompt already rendered through a chat template, which holds its own BOS)
+  and "append_eos" (default true; false for a completion cut at a length
+  limit, which did not end).
+  """
   examples = []
   for lineno, row in read_jsonl(path):
     where = f"{path}:{lineno}"
     prompt, completion = require(row, "prompt", where), require(row, "completion", where)
-    examples.append({"prompt_ids": tokenizer.encode(prompt),
+    special = row.get("add_special_tokens", True)
+    append_eos = row.get("append_eos", True)
+    for name, value in (("add_special_tokens", special), ("append_eos", append_eos)):
+      if not isinstance(value, bool):
+        raise ValueError(f"{where}: field {name!r} must be true or false")
+    examples.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=special),
                      "completion_ids": tokenizer.encode(completion, add_special_tokens=False)
-                     + [eos_id]})
+                     + ([eos_id] if append_eos else [])})
   return examples
 
 
@@ -81,10 +95,10 @@ def main(argv):
                          f"{meta.num_agents} agents: give one (possibly empty) file per agent")
   from maft_jax.tokenizer import Tokenizer
   tok = Tokenizer(checkpoint.tokenizer_dir(_CHECKPOINT.value))
-  if not tok.eos_ids:
+  if tok.eos_id is None:
     raise app.UsageError(f"{_CHECKPOINT.value}: the tokenizer has no EOS token to end completions")
-  pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
-  examples = [read_rows(path, tok, tok.eos_ids[0]) for path in _DATA.value]
+  pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+  examples = [read_rows(path, tok, tok.eos_id) for path in _DATA.value]
   seeds = [_SEED.value * 1000 + a for a in range(meta.num_agents)]
 
   # Each agent's schedule length: its own number of steps over all epochs.
@@ -118,6 +132,14 @@ def main(argv):
     trainable = pop
   state = finetune.init_state(trainable, h, total_steps)
   scale = lcfg.scale if lcfg else 1.0
+  # What a resumed run must share with the saved one (schedule, data, shapes).
+  run_config = {"data": list(_DATA.value), "epochs": _EPOCHS.value, "lr": _LR.value,
+                "warmup_frac": _WARMUP.value, "weight_decay": _WD.value,
+                "clip_norm": _CLIP.value, "batch_size": _BATCH.value, "seq_len": _SEQ.value,
+                "grad_accum": _ACCUM.value, "pack": _PACK.value, "seed": _SEED.value,
+                "lora": dataclasses.asdict(lcfg) if lcfg else None,
+                "total_steps": [int(t) for t in total_steps]}
+  run_config = json.loads(json.dumps(run_config))  # as it reads back from JSON
   its = pipelines(examples, seeds, pad_id)
   start = 0
   ckpts = checkpoint.TrainCheckpoints(_WORKDIR.value) if _WORKDIR.value else None
@@ -125,6 +147,11 @@ def main(argv):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
     state, extra = ckpts.restore(abstract)
+    if extra.get("run") != run_config:
+      raise app.UsageError(
+          f"--workdir={_WORKDIR.value} holds a run with different settings "
+          f"({extra.get('run')}); this command asks for {run_config}. Use another workdir "
+          "or the same flags.")
     start = int(extra["step"])
     for it, st in zip(its, extra["data"]):
       if it is not None:
@@ -143,24 +170,28 @@ def main(argv):
       return empty
 
   t0, tokens_done = time.perf_counter(), 0
-  for step in range(start, num_steps):
-    micro = [[next_micro(it) for _ in range(_ACCUM.value)] for it in its]
-    batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
-             for k in empty}
-    state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=h, lora_scale=scale)
-    finetune.check_finite(metrics, step)
-    tokens_done += int(np.asarray(metrics["tokens"]).sum())
-    rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-    losses = " ".join(f"{l:.3f}" if u else "-" for l, u in
-                      zip(np.asarray(metrics["loss"]).tolist(), np.asarray(metrics["updated"])))
-    sys.stderr.write(f"\rstep {step + 1}/{num_steps} loss [{losses}] {rate:,.0f} tok/s")
-    sys.stderr.flush()
-    if ckpts is not None and ((step + 1) % _SAVE_EVERY.value == 0 or step + 1 == num_steps):
-      ckpts.save(step + 1, state, {"step": step + 1,
-                                   "data": [it.get_state() if it else None for it in its]})
+  try:
+    for step in range(start, num_steps):
+      micro = [[next_micro(it) for _ in range(_ACCUM.value)] for it in its]
+      batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
+               for k in empty}
+      state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=h, lora_scale=scale)
+      finetune.check_finite(metrics, step)
+      tokens_done += int(np.asarray(metrics["tokens"]).sum())
+      rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
+      losses = " ".join(f"{l:.3f}" if u else "-" for l, u in
+                        zip(np.asarray(metrics["loss"]).tolist(), np.asarray(metrics["updated"])))
+      sys.stderr.write(f"\rstep {step + 1}/{num_steps} loss [{losses}] {rate:,.0f} tok/s")
+      sys.stderr.flush()
+      if ckpts is not None and ((step + 1) % _SAVE_EVERY.value == 0 or step + 1 == num_steps):
+        ckpts.save(step + 1, state, {"step": step + 1, "run": run_config,
+                                     "data": [it.get_state() if it else None for it in its]})
+  finally:
+    # Let an in-flight asynchronous save of the last good state finish, also
+    # when a step fails (e.g. a non-finite loss).
+    if ckpts is not None:
+      ckpts.close()
   sys.stderr.write("\n")
-  if ckpts is not None:
-    ckpts.close()
   params = state["params"] if lcfg is None else lora.merge_population(base, state["params"], lcfg)
   out = checkpoint.save_population(_OUT.value, params, cfg=cfg,
                                    hf_config=meta.hf_config, source_dtype=meta.source_dtype,

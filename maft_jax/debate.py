@@ -26,11 +26,13 @@ SUMMARY_INSTRUCTION = (
 
 @dataclasses.dataclass(frozen=True)
 class Debate:
-  """texts[m][n][b], keys[m][n][b] (answer keys, None = no answer) and the
-  chat messages each slot answered, messages[m][n][b]."""
+  """texts[m][n][b], keys[m][n][b] (answer keys, None = no answer), the chat
+  messages each slot answered, messages[m][n][b], and how each completion
+  ended, finishes[m][n][b] ("stop", "stop_string" or "length")."""
   texts: list[list[list[str]]]
   keys: list[list[list[str | None]]]
   messages: list[list[list[list[dict[str, str]]]]]
+  finishes: list[list[list[str]]]
 
   @property
   def num_rounds(self) -> int:
@@ -56,16 +58,22 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
   tok = gen.tok
   fmt = task.answer_format
 
-  def ask(pop: Params, msgs: list[list[list[dict]]], round_seed: int) -> list[list[str]]:
+  def ask(pop: Params, msgs, round_seed: int, opts: generation.Options = options):
     texts = [[prompts.to_text(m, tok)[0] for m in per_slot] for per_slot in msgs]
     special = not (tok is not None and tok.chat_template)
-    out = gen.generate(pop, texts, options=options, seed=round_seed, add_special_tokens=special)
-    return [[c[0].text for c in per_slot] for per_slot in out]
+    out = gen.generate(pop, texts, options=opts, seed=round_seed, add_special_tokens=special)
+    return ([[c[0].text for c in per_slot] for per_slot in out],
+            [[c[0].finish for c in per_slot] for per_slot in out])
+
+  # Summaries quote the other agents' final answers: the answer stop rules
+  # (e.g. stop after the first \boxed{}) would cut them short.
+  summary_options = dataclasses.replace(options, stop_after_boxed=False, stop_strings=())
 
   first = [prompts.round1(p, fmt) for p in problems]
   n_slots = _num_agents(generators)
   msgs = [[first] * n_slots]
-  texts = [ask(generators, msgs[0], seed * 1000 + 1)]
+  texts, finishes = ask(generators, msgs[0], seed * 1000 + 1)
+  texts, finishes = [texts], [finishes]
   speakers = critics if critics is not None else generators
   for m in range(1, rounds):
     prev = texts[-1]
@@ -74,7 +82,7 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
     if summarize:
       summary_msgs = [[[{"role": "user", "content": SUMMARY_INSTRUCTION.format(
           advice=_advice(others[n][b]))}] for b in range(len(problems))] for n in range(n_slots)]
-      summaries = ask(speakers, summary_msgs, seed * 1000 + 100 + m)
+      summaries, _ = ask(speakers, summary_msgs, seed * 1000 + 100 + m, summary_options)
       advice = [[[summaries[n][b]] for b in range(len(problems))] for n in range(n_slots)]
     else:
       advice = others
@@ -82,10 +90,12 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
                                         answer_format=fmt)
                    for b in range(len(problems))] for n in range(n_slots)]
     msgs.append(round_msgs)
-    texts.append(ask(speakers, round_msgs, seed * 1000 + 1 + m))
+    round_texts, round_finishes = ask(speakers, round_msgs, seed * 1000 + 1 + m)
+    texts.append(round_texts)
+    finishes.append(round_finishes)
   keys = [[[task.extract_answer(t) for t in per_slot] for per_slot in per_round]
           for per_round in texts]
-  return Debate(texts=texts, keys=keys, messages=msgs)
+  return Debate(texts=texts, keys=keys, messages=msgs, finishes=finishes)
 
 
 def _num_agents(pop: Params) -> int:
@@ -94,15 +104,18 @@ def _num_agents(pop: Params) -> int:
 
 
 def sft_rows(debate: Debate, round_index: int, mask_NxB, tokenizer) -> list[list[dict]]:
-  """Per slot, the {"prompt", "completion"} rows selected by `mask_NxB` from
-  round `round_index`: the prompt that slot answered, rendered exactly as it
-  was sampled, and its own response."""
+  """Per slot, the rows selected by `mask_NxB` from round `round_index`: the
+  prompt that slot answered, rendered and tokenised exactly as it was sampled
+  (`add_special_tokens`), and its own response, which gets EOS appended only
+  if it ended by itself (`append_eos`; not when cut at the length limit)."""
   rows = []
   for n, per_problem in enumerate(debate.messages[round_index]):
     slot_rows = []
     for b, msgs in enumerate(per_problem):
       if bool(mask_NxB[n][b]):
-        slot_rows.append({"prompt": prompts.to_text(msgs, tokenizer)[0],
-                          "completion": debate.texts[round_index][n][b]})
+        text, special = prompts.to_text(msgs, tokenizer)
+        slot_rows.append({"prompt": text, "completion": debate.texts[round_index][n][b],
+                          "add_special_tokens": special,
+                          "append_eos": debate.finishes[round_index][n][b] != "length"})
     rows.append(slot_rows)
   return rows

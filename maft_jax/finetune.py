@@ -82,6 +82,12 @@ def init_state(pop: Params, h: Hyper, total_steps) -> dict[str, Any]:
   per-agent update counts and schedule lengths. `train_step` donates the
   state, so `pop`'s buffers belong to it from then on."""
   A = jax.tree.leaves(pop)[0].shape[0]
+  low = sorted({str(x.dtype) for x in jax.tree.leaves(pop) if x.dtype != jnp.float32})
+  if low:
+    raise ValueError(
+        f"trainable parameters are {low}, not float32: updates of lr x Adam step (~1e-5) round "
+        "to nothing in bfloat16, so training would silently do almost nothing. Keep float32 "
+        "master parameters (import with --param_dtype=float32) or train LoRA adapters.")
   total = np.broadcast_to(np.asarray(total_steps, np.int32), (A,))
   return {"params": pop, "opt": jax.vmap(optimizer(h).init)(pop),
           "step": jnp.zeros((A,), jnp.int32), "total_steps": jnp.asarray(total)}

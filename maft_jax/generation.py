@@ -28,6 +28,9 @@ FINISH_STOP, FINISH_STOP_STRING, FINISH_LENGTH = "stop", "stop_string", "length"
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
+  """After a host-side stop, `text` ends exactly at the stop and `token_ids`
+  is the shortest token prefix whose text reaches it (its decoding may run a
+  few characters past the stop when a token straddles it)."""
   text: str
   token_ids: tuple[int, ...]
   logprob: float   # sum of the model's log-probs over token_ids
@@ -116,8 +119,10 @@ class Generator:
     of P each (agent a answers its own prompts, e.g. its debate transcript).
     """
     A = jax.tree.leaves(pop)[0].shape[0]
-    per_agent = len(prompts) > 0 and isinstance(prompts[0], (list, tuple)) and (
-        len(prompts[0]) == 0 or not isinstance(prompts[0][0], int))
+    if len(prompts) == 0:
+      return [[] for _ in range(A)]
+    per_agent = isinstance(prompts[0], (list, tuple, np.ndarray)) and (
+        len(prompts[0]) == 0 or not isinstance(prompts[0][0], (int, np.integer)))
     groups = list(prompts) if per_agent else [list(prompts)]
     if per_agent and len(groups) != A:
       raise ValueError(f"{len(groups)} prompt lists for a population of {A} agents")

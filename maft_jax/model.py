@@ -258,6 +258,16 @@ def positions_from_mask(mask_BxT):
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids_BxT):
+  """Positions restarting at 0 where the segment id changes (packed rows);
+  for one segment with padding this equals `positions_from_mask`."""
+  seg = segment_ids_BxT.astype(jnp.int32)
+  idx = jnp.broadcast_to(jnp.arange(seg.shape[-1]), seg.shape)
+  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return jnp.where(seg != 0, idx - first, 0)
+
+
 # ----------------------------------------------------------------------------
 # KV cache. Slots are shared by all rows: prefill writes slots [0, T) of a
 # left-padded batch, each decode step writes one slot. `mask` marks slots that
@@ -446,7 +456,7 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
     segment_ids_BxT = jnp.ones((B, T), jnp.int32)
   segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
   if positions_BxT is None:
-    positions_BxT = positions_from_mask(segment_ids_BxT != 0)
+    positions_BxT = positions_from_segments(segment_ids_BxT)
   positions_BxT = positions_BxT.astype(jnp.int32)
 
   x = embed_tokens(params, tokens_BxT, cfg)

@@ -89,7 +89,9 @@ def paper_selection(gen_ok_NxB, critic_first_ok_NxB, critic_final_ok_NxB, key, *
   n_minus = jnp.sum(d_minus, axis=1, keepdims=True).astype(jnp.float32)
   n_plus = jnp.sum(d_plus, axis=1, keepdims=True).astype(jnp.float32)
   w = critic_weight
-  want = jnp.where(n_minus > 0, jnp.ceil(n_minus * (1 - w) / w), jnp.ceil(n_plus * (1 - w)))
+  # The epsilon keeps float rounding (13 * 0.8 / 0.2 = 52.000004) from adding one.
+  want = jnp.where(n_minus > 0, jnp.ceil(n_minus * (1 - w) / w - 1e-4),
+                   jnp.ceil(n_plus * (1 - w) - 1e-4))
   # Keep the `want` D^C+ problems with the smallest random priorities.
   prio = jnp.where(d_plus, jax.random.uniform(key, d_plus.shape), jnp.inf)
   rank = jnp.argsort(jnp.argsort(prio, axis=1), axis=1)

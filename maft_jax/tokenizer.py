@@ -63,9 +63,14 @@ class Tokenizer:
     self.bos_id = special_id("bos_token")
     self.pad_id = special_id("pad_token")
     eos = {special_id("eos_token")}
+    # The token that ends a turn in this tokenizer's own format (appended to
+    # training completions); eos_ids holds every id that stops sampling.
+    self.eos_id = special_id("eos_token")
     gen_eos = gen.get("eos_token_id")
     eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     self.eos_ids = tuple(sorted(i for i in eos if i is not None))
+    if self.eos_id is None and self.eos_ids:
+      self.eos_id = self.eos_ids[0]
     if self.pad_id is None and isinstance(gen.get("pad_token_id"), int):
       self.pad_id = gen["pad_token_id"]
 

@@ -59,6 +59,9 @@ def test_summarize_and_selected_rows(setup):
   assert [len(r) for r in rows] == [2, 1]
   assert rows[0][1]["completion"] == d.texts[1][0][2]
   assert rows[1][0]["prompt"].endswith("assistant:")  # rendered with the chat template
+  # ... which holds its BOS already, so finetuning must not add another one.
+  assert rows[1][0]["add_special_tokens"] is False
+  assert rows[0][0]["append_eos"] == (d.finishes[1][0][0] != "length")
   with pytest.raises(ValueError, match="num_samples=1"):
     debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, seed=0,
                options=generation.Options(max_new_tokens=2, num_samples=2))

@@ -187,3 +187,10 @@ def test_checkpoint_resume_on_another_mesh_gives_identical_next_step(tmp_path):
                got["params"], expected["params"])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5),
                got["opt"], expected["opt"])
+
+
+def test_bf16_trainable_parameters_are_refused():
+  cfg = dataclasses.replace(CFG, param_dtype="bfloat16")
+  pop = population.init(cfg, jax.random.key(8), 2)
+  with pytest.raises(ValueError, match="bfloat16.*float32 master parameters"):
+    finetune.init_state(pop, H, 10)

@@ -33,6 +33,12 @@ def test_finetune_cli_empty_file_means_no_update(hf_models, tmp_path):
                   f"--out={tmp_path / 'ckpt3'}", "--epochs=2", "--lr=1e-3", "--batch_size=2",
                   "--seq_len=32", "--dtype=float32", f"--workdir={tmp_path / 'work'}")
   assert "resumed" in again.stderr and f"steps per agent {steps}" in again.stdout
+  # Resuming with a different schedule is refused, naming the settings.
+  changed = cli.run("finetune", f"--checkpoint={ckpt}", f"--data={','.join(files)}",
+                    f"--out={tmp_path / 'ckpt4'}", "--epochs=3", "--lr=1e-3", "--batch_size=2",
+                    "--seq_len=32", "--dtype=float32", f"--workdir={tmp_path / 'work'}",
+                    check=False)
+  assert changed.returncode != 0 and "different settings" in changed.stderr
 
 
 def test_finetune_cli_bad_input(hf_models, tmp_path):

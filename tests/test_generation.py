@@ -64,6 +64,7 @@ def test_per_agent_prompts(setup):
   _assert_same(mine[1], shared1[1])
   with pytest.raises(ValueError, match="3 prompt lists for a population of 2"):
     gen.generate(pop, [PROMPTS[:1]] * 3, options=opts)
+  assert gen.generate(pop, [], options=opts) == [[], []]
 
 
 def test_stop_strings_cut_text_and_tokens(setup):

@@ -83,6 +83,7 @@ def test_our_tokenizer_matches_transformers(tokenizer_dir):
     assert ids == ref.encode(text)
     assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
   assert (ours.bos_id, ours.pad_id, ours.eos_ids) == (ref.bos_token_id, ref.pad_token_id, (2,))
+  assert ours.eos_id == ref.eos_token_id
   messages = [{"role": "user", "content": "What is 2+2?"}]
   assert ours.apply_chat_template(messages) == ref.apply_chat_template(
       messages, tokenize=False, add_generation_prompt=True)

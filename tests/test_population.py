@@ -141,3 +141,18 @@ def test_bad_mesh_sizes(sizes, match):
 def test_make_mesh_fills_minus_one():
   mesh = sharding.make_mesh({"agent": 2, "fsdp": -1})
   assert dict(mesh.shape) == {"agent": 2, "data": 1, "fsdp": 4, "tensor": 1}
+
+
+def test_default_positions_restart_per_packed_segment():
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  np.testing.assert_array_equal(model.positions_from_segments(seg),
+                                [[0, 1, 2, 0, 1, 0, 0, 0], [0, 0, 0, 1, 2, 3, 4, 5]])
+  params = model.init_params(CFG, jax.random.key(6))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 8)), jnp.int32)
+  implicit, _ = fwd(params, tokens, cfg=CFG, segment_ids_BxT=seg)
+  explicit, _ = fwd(params, tokens, cfg=CFG, segment_ids_BxT=seg,
+                    positions_BxT=model.positions_from_segments(seg))
+  np.testing.assert_array_equal(implicit, explicit)
+  # A packed segment gives the same logits as that example alone.
+  alone, _ = fwd(params, tokens[:1, 3:5], cfg=CFG)
+  np.testing.assert_allclose(implicit[0, 3:5], alone[0], atol=1e-5, rtol=0)

@@ -92,3 +92,12 @@ def test_cross_nll_equals_per_pair():
     for author in range(3):
       s, n = nll(population.select(pop, scorer), per_author[author], cfg, 512)
       assert m[scorer, author] == pytest.approx(float(s / n), abs=1e-5)
+
+
+def test_kept_count_has_no_float_off_by_one():
+  # 13 corrections at w = 0.2 want exactly 13 * 4 = 52 kept (float32 gives 52.000004).
+  first = jnp.asarray([[False] * 13 + [True] * 60], bool)
+  final = jnp.ones_like(first)
+  gen_ok = jnp.zeros_like(first)
+  *_, kept = scoring.paper_selection(gen_ok, first, final, jax.random.key(0), critic_weight=0.2)
+  assert int(np.asarray(kept).sum()) == 52

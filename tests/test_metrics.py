@@ -1,0 +1,46 @@
+"""Evaluation metrics on a hand-built debate."""
+
+import jax
+import pytest
+
+from maft_jax import metrics, tasks
+from maft_jax.debate import Debate
+
+
+def _debate(task, problems, round1, final):
+  def keys(r):
+    return [[task.extract_answer(t) for t in slot] for slot in r]
+  n, b = len(round1), len(problems)
+  msgs = [[[[]] * b] * n] * 2
+  finishes = [[["stop"] * b] * n] * 2
+  return Debate(texts=[round1, final], keys=[keys(round1), keys(final)], messages=msgs,
+                finishes=finishes)
+
+
+def test_metrics_on_hand_built_debate():
+  task = tasks.load("arithmetic", size=2, seed=0)
+  p0, p1 = task.problems("all")
+  r0, r1 = int(p0.reference), int(p1.reference)
+  box = lambda v, words="so the answer is": f"{words} \\boxed{{{v}}}"  # noqa: E731
+  round1 = [[box(r0), box(r1 + 1)],
+            [box(r0 + 1, "we get the value"), box(r1 + 1)],
+            [box(r0), "no idea"]]
+  final = [[box(r0), box(r1)],
+           [box(r0), box(r1 + 1)],
+           [box(r0 + 5), box(r1)]]
+  m = metrics.evaluate(_debate(task, [p0, p1], round1, final), task, [p0, p1],
+                       jax.random.key(0))
+  assert m["round1_accuracy"] == [0.5, 0.0, 0.5]
+  assert m["final_accuracy"] == [1.0, 0.5, 0.5]
+  assert m["debate_accuracy"] == 1.0                 # majorities: r0 (2 of 3), r1 (2 of 3)
+  assert m["consensus_rate"] == pytest.approx(2 / 3)
+  assert m["distinct_answers"] == pytest.approx((2 + 1) / 2)
+  # Problem 0: slots 0,2 share all 3-grams (1.0), slot 1 differs; problem 1: slots 0,1 identical.
+  assert 0 < m["ngram_overlap"] < 1
+
+
+def test_ngram_overlap_and_distinct():
+  assert metrics.ngram_overlap([["a b c d"], ["a b c d"]]) == 1.0
+  assert metrics.ngram_overlap([["a b c d"], ["w x y z"]]) == 0.0
+  assert metrics.ngram_overlap([["a b c d"], ["a b c e"]]) == pytest.approx(1 / 3)
+  assert metrics.distinct_answers([["1", None], ["2", None], ["1", "3"]]) == 1.5

@@ -18,7 +18,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from maft_jax import safetensors_io
+from maft_jax import model, safetensors_io
 from maft_jax.model import ModelConfig, RopeScaling
 
 # architectures[0] in config.json -> family name.
@@ -280,8 +280,6 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray], origin: Mapping[str, 
                         hf_config: Mapping[str, Any], cfg: ModelConfig,
                         where: str = "") -> dict[str, Any]:
   """One agent's params (numpy, cfg.param_dtype) from HF-named tensors."""
-  from maft_jax import model
-
   arch = architecture(hf_config, where or "config.json")
   dt = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
   get, used = _unfused_getter(arch, cfg, tensors, origin, where)

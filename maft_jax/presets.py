@@ -20,14 +20,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
         eos_token_id=128001),
-    "llama-3.1-8b": dict(
-        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
-        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=128000,
-        eos_token_id=[128001, 128008, 128009]),
     "mistral-7b-v0.2": dict(
         architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -66,6 +58,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
 
+# Llama-3.1-8B is Llama-3-8B with llama3 rope scaling to a 128k context.
+PRESETS["llama-3.1-8b"] = dict(
+    PRESETS["llama-3-8b"], max_position_embeddings=131072,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    eos_token_id=[128001, 128008, 128009])
 # Qwen2-0.5B (the benchmark reference) has exactly Qwen2.5-0.5B's architecture.
 PRESETS["qwen2-0.5b"] = PRESETS["qwen2.5-0.5b"]
 

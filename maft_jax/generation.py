@@ -22,6 +22,7 @@ import numpy as np
 
 from maft_jax import sampling
 from maft_jax.model import ModelConfig, Params
+from maft_jax.tasks import answers
 
 FINISH_STOP, FINISH_STOP_STRING, FINISH_LENGTH = "stop", "stop_string", "length"
 
@@ -62,20 +63,10 @@ def bucket_length(n: int, min_bucket: int) -> int:
 
 
 def first_boxed_end(text: str) -> int | None:
-  """Index just past the closing brace of the first complete \\boxed{...}."""
-  start = text.find("\\boxed")
-  while start != -1:
-    brace = text.find("{", start)
-    if brace == -1:
-      return None
-    depth, i = 0, brace
-    while i < len(text):
-      depth += {"{": 1, "}": -1}.get(text[i], 0)
-      i += 1
-      if depth == 0:
-        return i
-    return None
-  return None
+  """Index just past the closing brace of the first \\boxed{...}; None while
+  that box is still open (or there is none)."""
+  spans = answers.boxed_spans(text)
+  return spans[0][1] if spans else None
 
 
 def stop_cut(text: str, options: Options) -> int | None:

@@ -17,17 +17,25 @@ _FREE_NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d
 _FRAC = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 
 
-def boxed_contents(text: str) -> list[str]:
-  """Contents of every `\\boxed{...}` (or `\\fbox{...}`), braces balanced."""
-  out = []
-  for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def boxed_spans(text: str) -> list[tuple[int, int | None]]:
+  """For every `\\boxed{` (or `\\fbox{`) opening: (start of its contents,
+  index just past its balanced closing brace, or None if it never closes)."""
+  spans = []
+  for m in _BOX_OPEN.finditer(text):
     depth, i = 1, m.end()
     while i < len(text) and depth:
       depth += {"{": 1, "}": -1}.get(text[i], 0)
       i += 1
-    if depth == 0:
-      out.append(text[m.end():i - 1])
-  return out
+    spans.append((m.end(), i if depth == 0 else None))
+  return spans
+
+
+def boxed_contents(text: str) -> list[str]:
+  """Contents of every complete `\\boxed{...}` (or `\\fbox{...}`), braces balanced."""
+  return [text[start:end - 1] for start, end in boxed_spans(text) if end is not None]
 
 
 def last_boxed(text: str) -> str | None:

@@ -1,0 +1,214 @@
+"""Finetune a population on per-agent example lists: the SFT run around
+`finetune.train_step`, shared by `launch.finetune` and the MAFT loop.
+
+    examples = [tokenize_rows(rows_a, tok, where=...) for rows_a in per_agent_rows]
+    result = sft.run(pop, examples, cfg=cfg, settings=Settings(...), workdir=DIR)
+
+Agent a trains on `examples[a]` (an empty list: no update, weights stay
+bit-identical; see `finetune` for the policy on unequal data). With a
+`workdir`, training checkpoints (state + data iterator states) are written
+every `save_every` steps and at the end, and a rerun with the same settings
+resumes from the latest one; different settings are refused (`ResumeError`).
+With LoRA the agents must be identical (one base): they share one frozen copy
+and train per-agent adapters, merged into full weights in the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maft_jax import checkpoint, data, finetune, lora, population
+from maft_jax.model import ModelConfig, Params
+from maft_jax.tasks.base import require
+
+BATCH_KEYS = ("tokens_BxT", "loss_mask_BxT", "segment_ids_BxT", "positions_BxT")
+
+
+class ResumeError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+  hyper: finetune.Hyper = finetune.Hyper()
+  epochs: int = 2
+  batch_size: int = 8           # rows per microbatch per agent
+  seq_len: int = 1024
+  grad_accum: int = 1           # microbatches per step
+  pack: bool = True
+  seed: int = 0                 # data order: agent a uses seed * 1000 + a
+  save_every: int = 100
+  lora: lora.LoraConfig | None = None
+
+  def __post_init__(self):
+    for name in ("epochs", "batch_size", "grad_accum", "save_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"Settings.{name}={getattr(self, name)} must be >= 1")
+    if self.seq_len < 2:
+      raise ValueError(f"Settings.seq_len={self.seq_len} must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  params: Params                 # full weights [A, ...] (LoRA adapters merged)
+  steps: list[int]               # updates taken by each agent
+  examples: list[int]            # examples per agent
+  final_loss: list[float | None]  # each agent's loss at its last update (None: never updated)
+  tokens: int                    # completion tokens trained on, all agents, all steps
+  seconds: float
+
+
+def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer, *, where: Callable[[int], str]
+                  ) -> list[dict]:
+  """Examples from {"prompt", "completion"} rows; `where(i)` names row i in errors.
+
+  Optional per-row fields: "add_special_tokens" (default true; false for a
+  prompt already rendered through a chat template, which holds its own BOS)
+  and "append_eos" (default true; false for a completion cut at a length
+  limit, which did not end). EOS is the tokenizer's own eos token.
+  """
+  if rows and tokenizer.eos_id is None:
+    raise ValueError("the tokenizer has no EOS token to end completions")
+  examples = []
+  for i, row in enumerate(rows):
+    prompt, completion = require(row, "prompt", where(i)), require(row, "completion", where(i))
+    special = row.get("add_special_tokens", True)
+    append_eos = row.get("append_eos", True)
+    for name, value in (("add_special_tokens", special), ("append_eos", append_eos)):
+      if not isinstance(value, bool):
+        raise ValueError(f"{where(i)}: field {name!r} must be true or false")
+    examples.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=special),
+                     "completion_ids": tokenizer.encode(completion, add_special_tokens=False)
+                     + ([tokenizer.eos_id] if append_eos else [])})
+  return examples
+
+
+def _pipelines(examples, s: Settings, pad_id: int):
+  return [data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed * 1000 + a,
+                           pad_id=pad_id, pack=s.pack, num_epochs=s.epochs) if ex else None
+          for a, ex in enumerate(examples)]
+
+
+def _identical_agents(pop: Params) -> bool:
+  return bool(jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(x == x[:1])
+                                                   for x in jax.tree.leaves(p)])))(pop))
+
+
+def _diff(saved, wanted, path: str = "") -> list[str]:
+  """Human-readable differences between two JSON-like values."""
+  if isinstance(saved, dict) and isinstance(wanted, dict):
+    return [d for k in sorted(set(saved) | set(wanted), key=str)
+            for d in _diff(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k))]
+  return [] if saved == wanted else [f"{path or 'run'} was {saved!r}, now {wanted!r}"]
+
+
+def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: ModelConfig,
+        settings: Settings, pad_id: int, workdir: str | None = None,
+        run_id: Mapping[str, Any] | None = None, progress: bool = True,
+        log: Callable[[str], None] = logging.info) -> Result:
+  """Train agent a on examples[a]; see the module docstring. `pop` is donated.
+
+  `run_id`: what else a resumed run must share with the saved one (e.g. the
+  data files), checked together with the settings and step counts.
+  """
+  s = settings
+  A = population.num_agents(pop)
+  if len(examples) != A:
+    raise ValueError(f"{len(examples)} example lists for a population of {A} agents")
+  counts = [sum(1 for _ in it) if it else 0 for it in _pipelines(examples, s, pad_id)]
+  total_steps = [-(-c // s.grad_accum) for c in counts]
+  num_steps = max(total_steps, default=0)
+  log(f"examples per agent {[len(e) for e in examples]} -> steps per agent {total_steps}")
+  base, trainable = None, pop
+  if s.lora is not None:
+    if not _identical_agents(pop):
+      raise ValueError("LoRA trains per-agent adapters on one shared base, so it needs a "
+                       "population of identical agents (e.g. fresh from launch.import_hf)")
+    base = population.select(pop, 0)
+    del pop, trainable
+    trainable = lora.init(cfg, s.lora, jax.random.key(s.seed), A)
+    log(f"LoRA rank {s.lora.rank} alpha {s.lora.alpha:g} on {','.join(s.lora.targets)}: "
+        f"{lora.count(trainable) // A:,} adapter parameters per agent")
+  state = finetune.init_state(trainable, s.hyper, total_steps)
+  scale = s.lora.scale if s.lora else 1.0
+  settings_id = dataclasses.asdict(s)
+  del settings_id["save_every"]  # how often to save does not change the run
+  run_config = {"settings": settings_id, "run_id": dict(run_id or {}),
+                "total_steps": [int(t) for t in total_steps]}
+  run_config = json.loads(json.dumps(run_config))  # as it reads back from JSON
+  its = _pipelines(examples, s, pad_id)
+  start = 0
+  ckpts = checkpoint.TrainCheckpoints(workdir) if workdir else None
+  if ckpts is not None and ckpts.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state, extra = ckpts.restore(abstract)
+    if extra.get("run") != run_config:
+      ckpts.close()
+      raise ResumeError(f"{workdir} holds a run with different settings ({extra.get('run')}); "
+                        f"this run asks for {run_config}. Use another workdir or the same "
+                        "settings.")
+    start = int(extra["step"])
+    for it, st in zip(its, extra["data"]):
+      if it is not None:
+        it.set_state(st)
+    log(f"resumed from {workdir} at step {start}")
+
+  empty = {k: np.zeros((s.batch_size, s.seq_len), np.int32) for k in BATCH_KEYS}
+
+  def next_micro(it):
+    if it is None:
+      return empty
+    try:
+      return next(it)
+    except StopIteration:
+      return empty
+
+  t0, tokens_done = time.perf_counter(), 0
+  last_loss: list[float | None] = [None] * A
+  try:
+    for step in range(start, num_steps):
+      micro = [[next_micro(it) for _ in range(s.grad_accum)] for it in its]
+      batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
+               for k in BATCH_KEYS}
+      state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
+                                           lora_scale=scale)
+      finetune.check_finite(metrics, step)
+      tokens_done += int(np.asarray(metrics["tokens"]).sum())
+      loss, updated = np.asarray(metrics["loss"]), np.asarray(metrics["updated"])
+      for a in range(A):
+        if updated[a]:
+          last_loss[a] = float(loss[a])
+      if progress:
+        elapsed = time.perf_counter() - t0
+        done = step + 1 - start
+        eta = elapsed / done * (num_steps - step - 1)
+        losses = " ".join(f"{l:.3f}" if u else "-" for l, u in zip(loss.tolist(), updated))
+        sys.stderr.write(f"\rtraining: step {step + 1}/{num_steps} loss [{losses}] "
+                         f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s, ETA {eta:.0f}s ")
+        sys.stderr.flush()
+      if ckpts is not None and ((step + 1) % s.save_every == 0 or step + 1 == num_steps):
+        ckpts.save(step + 1, state, {"step": step + 1, "run": run_config,
+                                     "data": [it.get_state() if it else None for it in its]})
+  finally:
+    # Let an in-flight asynchronous save of the last good state finish, also
+    # when a step fails (e.g. a non-finite loss).
+    if ckpts is not None:
+      ckpts.close()
+  if progress and num_steps > start:
+    sys.stderr.write("\n")
+  params = state["params"] if s.lora is None else lora.merge_population(base, state["params"],
+                                                                          s.lora)
+  return Result(params=params, steps=np.asarray(state["step"]).tolist(),
+                examples=[len(e) for e in examples], final_loss=last_loss, tokens=tokens_done,
+                seconds=time.perf_counter() - t0)

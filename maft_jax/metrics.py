@@ -5,6 +5,9 @@
 - round1_accuracy[n]: slot n's round-1 answers verified against references
 - final_accuracy[n]:  slot n's last-round answers
 - debate_accuracy:    the majority vote of the last round (seeded ties) is right
+- majority_accuracy:  the majority vote of round 1 is right (the "majority
+                      vote" baseline: N samples, no debate)
+- best_of_n_accuracy: some round-1 answer is right (best-of-N with a verifier)
 - consensus_rate:     mean fraction of slots that agree with that majority
 - distinct_answers:   mean number of distinct answer keys per problem, round 1
 - ngram_overlap:      mean pairwise Jaccard similarity of word 3-gram sets
@@ -60,16 +63,25 @@ def evaluate(debate, task: Task, problems: Sequence[Problem], key: jax.Array) ->
     return np.asarray(task.is_correct_many(texts, flat), bool).reshape(N, B)
 
   first, last = correct(0), correct(-1)
-  ids, _ = scoring.answer_ids(debate.keys[-1])
-  majority, votes = (np.asarray(x) for x in scoring.consensus(ids, key))
-  # The majority answer is right when an agent holding it was verified right.
-  majority_right = np.array([
-      bool(majority[b] >= 0 and any(last[n, b] for n in range(N) if ids[n, b] == majority[b]))
-      for b in range(B)])
+
+  def vote(keys, ok, vote_key):
+    """(majority right bool[B], votes for the majority [B])."""
+    ids, _ = scoring.answer_ids(keys)
+    majority, votes = (np.asarray(x) for x in scoring.consensus(ids, vote_key))
+    # The majority answer is right when an agent holding it was verified right.
+    right = np.array([bool(majority[b] >= 0 and any(ok[n, b] for n in range(N)
+                                                    if ids[n, b] == majority[b]))
+                      for b in range(B)])
+    return right, votes
+
+  debate_right, votes = vote(debate.keys[-1], last, key)
+  first_right, _ = vote(debate.keys[0], first, jax.random.fold_in(key, 1))
   return {
       "round1_accuracy": first.mean(axis=1).tolist(),
       "final_accuracy": last.mean(axis=1).tolist(),
-      "debate_accuracy": float(majority_right.mean()),
+      "debate_accuracy": float(debate_right.mean()),
+      "majority_accuracy": float(first_right.mean()),
+      "best_of_n_accuracy": float(first.any(axis=0).mean()),
       "consensus_rate": float((votes / N).mean()),
       "distinct_answers": distinct_answers(debate.keys[0]),
       "ngram_overlap": ngram_overlap(debate.texts[0]),

@@ -133,3 +133,35 @@ def cross_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512):
     return s / jnp.maximum(n, 1)
   per_author = jax.vmap(one, in_axes=(None, 0))
   return jax.vmap(per_author, in_axes=(0, None))(pop, batches)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk"))
+def row_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512):
+  """Per-row completion NLL sums f32[A_scorer, A_author, b] and token counts
+  i32[A_scorer, A_author, b] of every author's rows (batches: dict of
+  [A_author, b, T], SFT layout, one example per row) under every agent."""
+  def one_row(params, row):
+    return finetune.token_nll(params, {k: v[None] for k, v in row.items()}, cfg, ce_chunk)
+  per_author = jax.vmap(jax.vmap(one_row, in_axes=(None, 0)), in_axes=(None, 0))
+  return jax.vmap(per_author, in_axes=(0, None))(pop, batches)
+
+
+def scoring_rows(prompt_ids: Sequence[int], completion_ids: Sequence[int], seq_len: int,
+                 pad_id: int) -> dict[str, np.ndarray]:
+  """One right-padded SFT row [seq_len] for scoring a response: the prompt
+  loses tokens from the left and then the completion from the right when
+  the pair is longer than `seq_len`; an empty completion carries no loss."""
+  completion = list(completion_ids)[:max(seq_len - 1, 0)]
+  prompt = list(prompt_ids)[-max(seq_len - len(completion), 1):] if prompt_ids else []
+  ids = (prompt + completion)[:seq_len]
+  n = len(ids)
+  tokens = np.full(seq_len, pad_id, np.int32)
+  tokens[:n] = ids
+  loss = np.zeros(seq_len, np.int32)
+  loss[len(prompt):n] = 1
+  seg = np.zeros(seq_len, np.int32)
+  seg[:n] = 1
+  pos = np.zeros(seq_len, np.int32)
+  pos[:n] = np.arange(n)
+  return {"tokens_BxT": tokens, "loss_mask_BxT": loss, "segment_ids_BxT": seg,
+          "positions_BxT": pos}

@@ -104,11 +104,11 @@ def _identical_agents(pop: Params) -> bool:
                                                    for x in jax.tree.leaves(p)])))(pop))
 
 
-def _diff(saved, wanted, path: str = "") -> list[str]:
+def describe_changes(saved, wanted, path: str = "") -> list[str]:
   """Human-readable differences between two JSON-like values."""
   if isinstance(saved, dict) and isinstance(wanted, dict):
     return [d for k in sorted(set(saved) | set(wanted), key=str)
-            for d in _diff(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k))]
+            for d in describe_changes(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k))]
   return [] if saved == wanted else [f"{path or 'run'} was {saved!r}, now {wanted!r}"]
 
 

@@ -34,6 +34,8 @@ def test_metrics_on_hand_built_debate():
   assert m["final_accuracy"] == [1.0, 0.5, 0.5]
   assert m["debate_accuracy"] == 1.0                 # majorities: r0 (2 of 3), r1 (2 of 3)
   assert m["consensus_rate"] == pytest.approx(2 / 3)
+  assert m["majority_accuracy"] == 0.5               # round 1: r0 wins, r1+1 wins
+  assert m["best_of_n_accuracy"] == 0.5              # nobody had r1 in round 1
   assert m["distinct_answers"] == pytest.approx((2 + 1) / 2)
   # Problem 0: slots 0,2 share all 3-grams (1.0), slot 1 differs; problem 1: slots 0,1 identical.
   assert 0 < m["ngram_overlap"] < 1

@@ -1,0 +1,78 @@
+r"""Debate evaluation of a population on the held-out problems of a run's task.
+
+    python -m launch.evaluate --workdir=DIR [--iteration=K]
+    python -m launch.evaluate --config=configs/x.py[:variant] --checkpoint=CKPT
+
+With --workdir, evaluates the population a run reached after iteration K
+(default: its latest finetuned population; 0 is the base) under the run's own
+config. With --config and --checkpoint, evaluates any population checkpoint
+with that config's task and evaluation settings. Prints the metrics as JSON
+(and writes them to --output when given).
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from maft_jax import checkpoint, loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with --checkpoint).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory.")
+_ITERATION = flags.DEFINE_integer("iteration", None, "Population after this iteration.",
+                                  lower_bound=0)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint (with --config).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's eval seed).")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too.")
+
+
+def main(argv):
+  del argv
+  try:
+    if _WORKDIR.value:
+      if _CHECKPOINT.value:
+        raise loop.ConfigError("give --workdir or --checkpoint (with --config), not both")
+      cfg_path = os.path.join(_WORKDIR.value, "config.json")
+      if not os.path.isfile(cfg_path):
+        raise loop.ConfigError(f"{_WORKDIR.value}: no config.json (not a launch.train workdir)")
+      with open(cfg_path) as f:
+        plan = loop.validate(json.load(f))
+      run = loop.Run(plan, _WORKDIR.value)
+      done = [k for k in range(1, plan.iterations + 1)
+              if os.path.isdir(run.population_path(k))]
+      k = _ITERATION.value if _ITERATION.value is not None else max(done, default=0)
+      if k and k not in done:
+        raise loop.ConfigError(f"--iteration={k}: {_WORKDIR.value} has finetuned populations "
+                               f"for iterations {done or 'none'}")
+      seed = loop.stage_seed(plan.seed, k, "eval")
+      source = f"{_WORKDIR.value} iteration {k}"
+    else:
+      if _CONFIG.value is None or not _CHECKPOINT.value:
+        raise loop.ConfigError("give --workdir, or --config with --checkpoint")
+      checkpoint.read_meta(_CHECKPOINT.value)
+      config = _CONFIG.value.to_dict()
+      config["model"] = dict(config.get("model", {}), source="checkpoint",
+                             path=_CHECKPOINT.value)
+      plan = loop.validate(config)
+      run = loop.Run(plan, _CHECKPOINT.value)  # nothing is written there
+      k, seed, source = 0, loop.stage_seed(plan.seed, 0, "eval"), _CHECKPOINT.value
+  except (loop.ConfigError, checkpoint.CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if _SEED.value is not None:
+    seed = _SEED.value
+  base = run.prepare()
+  pop = base if k == 0 else run.load_population(k)
+  del base
+  result, _, _ = run.evaluate(pop, seed=seed)
+  result = {"source": source, **result}
+  text = json.dumps(result, indent=1)
+  print(text)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  app.run(main)

@@ -1,0 +1,714 @@
+"""The MAFT iteration driver: the only module that reads a config.
+
+    plan = loop.validate(config)           # every field checked, nothing compiled
+    records = loop.Run(plan, workdir).run()
+
+A run is a sequence of stages, each a pure function of the stages before it:
+
+    iteration 0:   eval                                  (the base population)
+    iteration k:   debate -> select -> finetune -> eval  (k = 1 .. iterations)
+
+- debate:   N generators answer the training problems; critics (or the
+            generators, without critics) answer rounds 2..M. Transcripts kept.
+- select:   answer keys -> jitted consensus / agreement / selection masks ->
+            each agent's own SFT rows (`selection.mode`, see `_select`).
+- finetune: every agent trains on its rows in one vmapped program, from the
+            previous iteration's weights (`finetune.init='previous'`) or from
+            the base on the rows of iterations 1..k (`'base'`).
+- eval:     a debate on held-out problems -> accuracy, consensus, diversity
+            (distinct answers, n-gram overlap, cross-agent NLL matrix).
+
+Workdir. `config.json` (the resolved config; a rerun must match it, except
+`iterations` and `name`, which may grow or change), `iter_KK/STAGE/` per
+finished stage (written as `STAGE.partial/` and renamed when complete, so a
+directory that exists is a finished stage), `iter_KK/finetune_state/`
+(training checkpoints while a finetune stage runs), `metrics.jsonl` (one
+object per finished stage, rewritten from the stage summaries, so it never
+holds duplicates) and `tb/` (TensorBoard events, rewritten likewise). A run
+killed anywhere resumes at the stage in flight (mid-finetune: at its last
+training checkpoint) and ends with the same result as an uninterrupted run.
+
+Randomness is derived, never carried: every stage draws from
+`stage_seed(seed, iteration, stage)`; inside it, samplers fold in the agent,
+the prompt row and the step, and the trainer the agent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from maft_jax import (checkpoint, debate, finetune, generation, hf, lora, metrics, population,
+                      sampling, scoring, sft)
+from maft_jax.model import ModelConfig, Params
+from maft_jax.tasks import Problem, Task, prompts
+from maft_jax.tokenizer import Tokenizer, check_fits
+
+STAGES = ("debate", "select", "finetune", "eval")
+SELECTION_MODES = ("paper", "ground_truth", "cross_agent")
+MODEL_SOURCES = ("hf", "checkpoint", "demo")
+# Fields a rerun of a workdir may change: more iterations extend the run.
+RESUMABLE_CHANGES = ("iterations", "name")
+
+
+class ConfigError(ValueError):
+  """An impossible config; the message names the field and why."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field a MAFT config has, with the paper's defaults where it has one.
+  Config files start from this and override (see configs/)."""
+  c = ml_collections.ConfigDict()
+  c.name = "maft"
+  c.seed = 0
+  c.iterations = 5                     # L
+  c.model = ml_collections.ConfigDict(dict(
+      source="hf",                     # hf | checkpoint | demo
+      path=config_dict.placeholder(str),   # HF model dir or population checkpoint
+      demo_preset="full",              # source=demo: full | smoke
+      dtype="bfloat16",                # compute dtype; parameters stay float32
+      remat="full"))
+  c.task = ml_collections.ConfigDict(dict(
+      name="arithmetic",
+      options=ml_collections.ConfigDict(),   # keyword options of tasks.load
+      train_size=500,                  # training problems per iteration (first of the split)
+      test_size=100))                  # held-out problems for evaluation
+  c.agents = ml_collections.ConfigDict(dict(
+      generators=3,                    # N
+      critics=True,                    # N critic agents; False: the no-critic ablation
+      shared=False))                   # one model for every slot (majority finetuning)
+  c.debate = ml_collections.ConfigDict(dict(
+      rounds=2,                        # M
+      summarize=False,
+      max_new_tokens=512,
+      temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+      batch_size=32,
+      stop_after_boxed=True))
+  c.selection = ml_collections.ConfigDict(dict(
+      mode="paper",                    # paper | ground_truth | cross_agent
+      critic_weight=0.5,               # w: share of corrected transcripts in a critic's data
+      cross_temperature=1.0))          # cross_agent: softmax temperature over NLLs
+  c.finetune = ml_collections.ConfigDict(dict(
+      init="previous",                 # previous | base (base: on accumulated data)
+      epochs=2, learning_rate=1e-5, warmup_frac=0.03, weight_decay=0.0, clip_norm=1.0,
+      batch_size=8, seq_len=1024, grad_accum=1, pack=True, save_every=100,
+      lora_rank=0, lora_alpha=0.0, lora_targets=",".join(lora.TARGETS)))
+  c.eval = ml_collections.ConfigDict(dict(
+      rounds=2, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+      batch_size=32, cross_nll=True, nll_batch=16))
+  return c
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+  """A validated config, as typed settings for the library."""
+  config: dict[str, Any]               # the resolved config (JSON)
+  name: str
+  seed: int
+  iterations: int
+  model_source: str
+  model_path: str | None
+  demo_preset: str
+  dtype: str
+  remat: str
+  task_name: str
+  task_options: dict[str, Any]
+  train_size: int
+  test_size: int
+  generators: int
+  critics: bool
+  shared: bool
+  rounds: int
+  summarize: bool
+  debate_options: generation.Options
+  selection_mode: str
+  critic_weight: float
+  cross_temperature: float
+  init: str
+  sft: sft.Settings
+  eval_rounds: int
+  eval_options: generation.Options
+  cross_nll: bool
+  nll_batch: int
+
+  @property
+  def num_agents(self) -> int:
+    return self.generators * (2 if self.critics else 1)
+
+
+def _check(ok: bool, field: str, value: Any, why: str):
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def _method(c: Mapping[str, Any], field: str):
+  for name in ("temperature", "top_p", "top_k", "min_p"):
+    _check(isinstance(c[name], (int, float)), f"{field}.{name}", c[name], "must be a number")
+  _check(c["temperature"] >= 0, f"{field}.temperature", c["temperature"], "must be >= 0 (0: greedy)")
+  _check(0 < c["top_p"] <= 1, f"{field}.top_p", c["top_p"], "must be in (0, 1]")
+  _check(c["top_k"] >= 0, f"{field}.top_k", c["top_k"], "must be >= 0 (0: off)")
+  _check(0 <= c["min_p"] < 1, f"{field}.min_p", c["min_p"], "must be in [0, 1)")
+  return sampling.from_flags(temperature=c["temperature"], top_k=int(c["top_k"]),
+                             top_p=c["top_p"], min_p=c["min_p"])
+
+
+def _known_fields(user: Mapping[str, Any], default: Mapping[str, Any], prefix: str = ""):
+  for k, v in user.items():
+    field = f"{prefix}{k}"
+    if k not in default:
+      raise ConfigError(f"config.{field}: unknown field; {prefix or 'config.'} fields are "
+                        f"{', '.join(sorted(default))}")
+    if isinstance(default[k], Mapping) and field != "task.options":
+      _check(isinstance(v, Mapping), field, v, "must be a group of fields")
+      _known_fields(v, default[k], field + ".")
+
+
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
+  """Check every field; raise ConfigError naming the first bad one. Fields
+  the config omits take `default_config()`'s values."""
+  user = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  default = default_config().to_dict()
+  _known_fields(user, default)
+  c = default
+  for group, values in user.items():
+    if isinstance(values, Mapping) and group in c and isinstance(c[group], Mapping):
+      c[group].update(values)
+    else:
+      c[group] = values
+  c = json.loads(json.dumps(c))  # plain JSON: what config.json holds
+  ints = [("seed", 0), ("iterations", 0), ("task.train_size", 1), ("task.test_size", 1),
+          ("agents.generators", 1), ("debate.rounds", 1), ("debate.max_new_tokens", 1),
+          ("debate.batch_size", 1), ("finetune.epochs", 1), ("finetune.batch_size", 1),
+          ("finetune.seq_len", 2), ("finetune.grad_accum", 1), ("finetune.save_every", 1),
+          ("finetune.lora_rank", 0), ("eval.rounds", 1), ("eval.max_new_tokens", 1),
+          ("eval.batch_size", 1), ("eval.nll_batch", 1)]
+  for field, low in ints:
+    value = _get(c, field)
+    _check(isinstance(value, int) and not isinstance(value, bool), field, value,
+           "must be an integer")
+    _check(value >= low, field, value, f"must be >= {low}")
+  for field in ("agents.critics", "agents.shared", "debate.summarize", "debate.stop_after_boxed",
+                "finetune.pack", "eval.cross_nll"):
+    _check(isinstance(_get(c, field), bool), field, _get(c, field), "must be true or false")
+  m = c["model"]
+  _check(m["source"] in MODEL_SOURCES, "model.source", m["source"],
+         f"must be one of {', '.join(MODEL_SOURCES)}")
+  if m["source"] in ("hf", "checkpoint"):
+    _check(bool(m["path"]), "model.path", m["path"],
+           f"model.source={m['source']!r} needs the path of a local "
+           f"{'HF model directory' if m['source'] == 'hf' else 'population checkpoint'}")
+    marker = "config.json" if m["source"] == "hf" else "maft.json"
+    _check(os.path.isfile(os.path.join(m["path"], marker)), "model.path", m["path"],
+           f"no {marker} there (model.source={m['source']!r})")
+  _check(m["demo_preset"] in ("full", "smoke"), "model.demo_preset", m["demo_preset"],
+         "must be full or smoke")
+  _check(m["dtype"] in ("bfloat16", "float32"), "model.dtype", m["dtype"],
+         "must be bfloat16 or float32")
+  _check(m["remat"] in ("none", "full", "dots", "dots_no_batch"), "model.remat", m["remat"],
+         "must be none, full, dots or dots_no_batch")
+  t = c["task"]
+  from maft_jax import tasks
+  _check(isinstance(t["name"], str) and (t["name"] in tasks._REGISTRY
+                                         or t["name"].startswith("reasoning_gym:")),
+         "task.name", t["name"], f"unknown task; tasks: {', '.join(sorted(tasks._REGISTRY))}, "
+         "reasoning_gym:<dataset>")
+  a, d, s, f, e = c["agents"], c["debate"], c["selection"], c["finetune"], c["eval"]
+  if a["shared"]:
+    _check(not a["critics"], "agents.shared", True,
+           "one shared model (majority finetuning) has no separate critics: set "
+           "agents.critics=False")
+  debate_method = _method(d, "debate")
+  eval_method = _method(e, "eval")
+  _check(s["mode"] in SELECTION_MODES, "selection.mode", s["mode"],
+         f"must be one of {', '.join(SELECTION_MODES)}")
+  _check(0 < s["critic_weight"] < 1, "selection.critic_weight", s["critic_weight"],
+         "must be in (0, 1)")
+  _check(s["cross_temperature"] > 0, "selection.cross_temperature", s["cross_temperature"],
+         "must be > 0")
+  if s["mode"] == "cross_agent":
+    _check(not a["shared"], "selection.mode", s["mode"],
+           "cross_agent exchanges responses between distinct agents; agents.shared is on")
+  _check(f["init"] in ("previous", "base"), "finetune.init", f["init"], "must be previous or base")
+  for name in ("learning_rate",):
+    _check(isinstance(f[name], (int, float)) and f[name] > 0, f"finetune.{name}", f[name],
+           "must be > 0")
+  _check(0 <= f["warmup_frac"] < 1, "finetune.warmup_frac", f["warmup_frac"], "must be in [0, 1)")
+  lcfg = None
+  if f["lora_rank"]:
+    _check(f["init"] == "base", "finetune.lora_rank", f["lora_rank"],
+           "LoRA trains adapters on one shared frozen base, so each iteration must start from "
+           "the base: set finetune.init='base' (it then trains on the accumulated data)")
+    targets = tuple(x.strip() for x in f["lora_targets"].split(",") if x.strip())
+    bad = [x for x in targets if x not in lora.TARGETS]
+    _check(targets and not bad, "finetune.lora_targets", f["lora_targets"],
+           f"unknown projection(s) {bad}; choose from {', '.join(lora.TARGETS)}")
+    lcfg = lora.LoraConfig(rank=f["lora_rank"], alpha=f["lora_alpha"] or 2.0 * f["lora_rank"],
+                           targets=targets)
+  prompt_room = f["seq_len"] - d["max_new_tokens"]
+  _check(prompt_room >= 16, "finetune.seq_len", f["seq_len"],
+         f"rows hold a prompt and a response of up to debate.max_new_tokens="
+         f"{d['max_new_tokens']} tokens; leave at least 16 tokens of prompt")
+  options = lambda g, method: generation.Options(  # noqa: E731
+      max_new_tokens=g["max_new_tokens"], method=method, batch_size=g["batch_size"],
+      stop_after_boxed=d["stop_after_boxed"])
+  settings = sft.Settings(
+      hyper=finetune.Hyper(learning_rate=float(f["learning_rate"]),
+                           warmup_frac=float(f["warmup_frac"]),
+                           weight_decay=float(f["weight_decay"]), clip_norm=float(f["clip_norm"])),
+      epochs=f["epochs"], batch_size=f["batch_size"], seq_len=f["seq_len"],
+      grad_accum=f["grad_accum"], pack=f["pack"], save_every=f["save_every"], lora=lcfg)
+  return Plan(config=c, name=str(c["name"]), seed=c["seed"], iterations=c["iterations"],
+              model_source=m["source"], model_path=m["path"], demo_preset=m["demo_preset"],
+              dtype=m["dtype"], remat=m["remat"], task_name=t["name"],
+              task_options=dict(t["options"]), train_size=t["train_size"],
+              test_size=t["test_size"], generators=a["generators"], critics=a["critics"],
+              shared=a["shared"], rounds=d["rounds"], summarize=d["summarize"],
+              debate_options=options(d, debate_method), selection_mode=s["mode"],
+              critic_weight=float(s["critic_weight"]),
+              cross_temperature=float(s["cross_temperature"]), init=f["init"], sft=settings,
+              eval_rounds=e["rounds"], eval_options=options(e, eval_method),
+              cross_nll=e["cross_nll"], nll_batch=e["nll_batch"])
+
+
+def _get(c: Mapping[str, Any], field: str):
+  for part in field.split("."):
+    c = c[part]
+  return c
+
+
+def stage_seed(seed: int, iteration: int, stage: str) -> int:
+  """The stage's seed, derived from (seed, iteration, stage) alone. Kept below
+  2^20 so that the samplers' seed arithmetic stays inside int32."""
+  state = np.random.SeedSequence([seed, iteration, STAGES.index(stage)]).generate_state(1)
+  return int(state[0]) % (1 << 20)
+
+
+def config_changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+  return [d for d in sft.describe_changes(saved, wanted)
+          if d.split(" ", 1)[0] not in RESUMABLE_CHANGES]
+
+
+# ----------------------------------------------------------------------------- files
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Stage:
+  """A stage's output directory, written whole or not at all."""
+
+  def __init__(self, workdir: str, iteration: int, name: str):
+    self.dir = os.path.join(workdir, f"iter_{iteration:02d}", name)
+    self.partial = self.dir + ".partial"
+
+  @property
+  def done(self) -> bool:
+    return os.path.isdir(self.dir)
+
+  def begin(self) -> str:
+    shutil.rmtree(self.partial, ignore_errors=True)
+    os.makedirs(self.partial)
+    return self.partial
+
+  def commit(self, summary: Mapping[str, Any]) -> None:
+    _write_json(os.path.join(self.partial, "summary.json"), summary)
+    os.replace(self.partial, self.dir)
+
+  def summary(self) -> dict:
+    return _read_json(os.path.join(self.dir, "summary.json"))
+
+
+# ----------------------------------------------------------------------------- run
+
+def _agents(pop: Params, start: int, stop: int) -> Params:
+  return jax.tree.map(lambda x: x[start:stop], pop)
+
+
+def _save_debate(path: str, problems: Sequence[Problem], d: debate.Debate) -> None:
+  _write_json(path, {"problem_ids": [p.id for p in problems], "texts": d.texts, "keys": d.keys,
+                     "messages": d.messages, "finishes": d.finishes})
+
+
+def _load_debate(path: str) -> tuple[list[str], debate.Debate]:
+  raw = _read_json(path)
+  return raw["problem_ids"], debate.Debate(texts=raw["texts"], keys=raw["keys"],
+                                            messages=raw["messages"], finishes=raw["finishes"])
+
+
+class Run:
+  """Runs (or resumes) the stages of a plan in a workdir."""
+
+  def __init__(self, plan: Plan, workdir: str, *, log: Callable[[str], None] = logging.info,
+               progress: bool = True):
+    self.plan, self.workdir, self.log, self.progress = plan, os.path.abspath(workdir), log, progress
+    self._task: Task | None = None
+
+  def check_workdir(self) -> None:
+    """Refuse a workdir that holds a run with another config; record ours."""
+    cfg_path = os.path.join(self.workdir, "config.json")
+    if os.path.isfile(cfg_path):
+      changes = config_changes(_read_json(cfg_path), self.plan.config)
+      if changes:
+        raise ConfigError(f"{self.workdir} holds a run with a different config: "
+                          f"{'; '.join(changes)}. Use another workdir or the same config.")
+    os.makedirs(self.workdir, exist_ok=True)
+    _write_json(cfg_path, self.plan.config)
+
+  def prepare(self) -> Params:
+    """Load the base: sets the model config, tokenizer and generator; returns
+    the base population."""
+    pop, self.cfg, self.tok, self.hf_config, self.source_dtype, self.tok_dir = self.load_base()
+    self.gen = generation.Generator(self.cfg, self.tok, progress=self.progress, log=self.log)
+    self.pad_id = self.gen.pad_id
+    return pop
+
+  # -- inputs
+
+  @property
+  def task(self) -> Task:
+    if self._task is None:
+      from maft_jax import tasks
+      self._task = tasks.load(self.plan.task_name, **self.plan.task_options)
+    return self._task
+
+  def problems(self, split: str) -> list[Problem]:
+    size = self.plan.train_size if split == "train" else self.plan.test_size
+    return self.task.problems(split)[:size]
+
+  def base_source(self) -> tuple[str, str]:
+    """(kind, path) of the base model, building the demo model when asked."""
+    p = self.plan
+    if p.model_source != "demo":
+      return p.model_source, p.model_path
+    from maft_jax import demo
+    settings = demo.DemoSettings.smoke() if p.demo_preset == "smoke" else demo.DemoSettings()
+    path = demo.build_base(os.path.join(self.workdir, "demo_base"), settings,
+                           task_options=p.task_options, log=self.log)
+    return "hf", path
+
+  def load_base(self) -> tuple[Params, ModelConfig, Tokenizer, dict, str, str]:
+    """(population of A base copies, cfg, tokenizer, hf_config, source dtype, tokenizer dir)."""
+    p = self.plan
+    kind, path = self.base_source()
+    if kind == "hf":
+      m = hf.load(path, dtype=p.dtype, param_dtype="float32")
+      tok = Tokenizer(path)
+      check_fits(tok, m.cfg.vocab_size, path)
+      cfg = dataclasses.replace(m.cfg, remat=p.remat)
+      return (population.replicate(m.params, p.num_agents), cfg, tok, m.hf_config,
+              m.source_dtype, path)
+    pop, meta = checkpoint.load_population(path, dtype=p.dtype, param_dtype="float32",
+                                           remat=p.remat)
+    if meta.num_agents not in (1, p.num_agents):
+      raise ConfigError(f"config.model.path={path!r}: the checkpoint has {meta.num_agents} "
+                        f"agents; this config needs 1 (copied) or {p.num_agents}")
+    if meta.num_agents == 1:
+      pop = population.replicate(population.select(pop, 0), p.num_agents)
+    return (pop, meta.cfg, Tokenizer(checkpoint.tokenizer_dir(path)), meta.hf_config,
+            meta.source_dtype, checkpoint.tokenizer_dir(path))
+
+  def population_path(self, iteration: int) -> str:
+    return os.path.join(Stage(self.workdir, iteration, "finetune").dir, "population")
+
+  def load_population(self, iteration: int) -> Params:
+    """The population after `iteration` (0: the base)."""
+    if iteration == 0:
+      return self.load_base()[0]
+    pop, _ = checkpoint.load_population(self.population_path(iteration), dtype=self.plan.dtype,
+                                        param_dtype="float32", remat=self.plan.remat)
+    return pop
+
+  # -- driver
+
+  def run(self) -> list[dict]:
+    p = self.plan
+    t0 = time.perf_counter()
+    self.check_workdir()
+    pop = self.prepare()
+    have = 0  # `pop` is the population after iteration `have`
+    for k in range(0, p.iterations + 1):
+      for s in ("eval",) if k == 0 else STAGES:
+        stage = Stage(self.workdir, k, s)
+        if stage.done:
+          continue
+        need = k if s == "eval" else k - 1
+        if have != need:
+          pop, have = self.load_population(need), need
+        start = time.perf_counter()
+        self.log(f"iteration {k}/{p.iterations}: {s}")
+        out = getattr(self, f"_{s}")(k, pop, stage)
+        if s == "finetune":
+          pop, have = out, k
+        self._publish()
+        self.log(f"iteration {k}/{p.iterations}: {s} done in {time.perf_counter() - start:.1f}s")
+        if s == "eval":
+          print(table(self.records(), p), flush=True)
+    self.log(f"run finished in {time.perf_counter() - t0:.1f}s")
+    return self.records()
+
+  def records(self) -> list[dict]:
+    out = []
+    for k in range(0, self.plan.iterations + 1):
+      for s in (("eval",) if k == 0 else STAGES):
+        stage = Stage(self.workdir, k, s)
+        if stage.done:
+          out.append({"iteration": k, "stage": s, **stage.summary()})
+    return out
+
+  def _publish(self) -> None:
+    records = self.records()
+    _write_jsonl(os.path.join(self.workdir, "metrics.jsonl"), records)
+    from maft_jax import report
+    report.write_tensorboard(self.workdir, records)
+
+  # -- stages
+
+  def _debate(self, k: int, pop: Params, stage: Stage):
+    p = self.plan
+    problems = self.problems("train")
+    t0 = time.perf_counter()
+    d = self._run_debate(pop, problems, rounds=p.rounds, options=p.debate_options,
+                         seed=stage_seed(p.seed, k, "debate"))
+    out = stage.begin()
+    _save_debate(os.path.join(out, "debate.json"), problems, d)
+    stage.commit({"problems": len(problems), "responses": sum(len(s) for r in d.texts for s in r),
+                  "seconds": time.perf_counter() - t0})
+
+  def _run_debate(self, pop, problems, *, rounds, options, seed) -> debate.Debate:
+    N = self.plan.generators
+    gens = _agents(pop, 0, N)
+    critics = _agents(pop, N, 2 * N) if self.plan.critics else None
+    return debate.run(self.gen, self.task, problems, generators=gens, critics=critics,
+                      rounds=rounds, options=options, seed=seed, summarize=self.plan.summarize)
+
+  def _select(self, k: int, pop: Params, stage: Stage):
+    p = self.plan
+    t0 = time.perf_counter()
+    ids, d = _load_debate(os.path.join(Stage(self.workdir, k, "debate").dir, "debate.json"))
+    by_id = {q.id: q for q in self.problems("train")}
+    problems = [by_id[i] for i in ids]
+    rows, summary = select(d, problems, self.task, plan=p, tokenizer=self.tok,
+                           key=jax.random.key(stage_seed(p.seed, k, "select")),
+                           score=lambda r: self._row_nll(pop, r))
+    out = stage.begin()
+    for a, agent_rows in enumerate(rows):
+      _write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), agent_rows)
+    summary["seconds"] = time.perf_counter() - t0
+    stage.commit(summary)
+
+  def _finetune(self, k: int, pop: Params, stage: Stage) -> Params:
+    p = self.plan
+    iters = range(1, k + 1) if p.init == "base" else range(k, k + 1)
+    rows = [[] for _ in range(p.num_agents)]
+    for i in iters:
+      sel = Stage(self.workdir, i, "select").dir
+      for a in range(p.num_agents):
+        rows[a] += _read_jsonl(os.path.join(sel, f"agent_{a}.jsonl"))
+    if p.init == "base":
+      pop = self.load_base()[0]
+    if p.shared:  # one model trains on every slot's rows; all slots stay copies of it
+      rows = [[r for agent_rows in rows for r in agent_rows]]
+      pop = _agents(pop, 0, 1)
+    examples = [sft.tokenize_rows(r, self.tok, where=lambda i, a=a: f"agent {a} row {i}")
+                for a, r in enumerate(rows)]
+    settings = dataclasses.replace(p.sft, seed=stage_seed(p.seed, k, "finetune"))
+    result = sft.run(pop, examples, cfg=self.cfg, settings=settings, pad_id=self.pad_id,
+                     workdir=os.path.join(self.workdir, f"iter_{k:02d}", "finetune_state"),
+                     run_id={"iteration": k}, progress=self.progress, log=self.log)
+    params = result.params
+    if p.shared:
+      params = population.replicate(population.select(params, 0), p.num_agents)
+    out = stage.begin()
+    checkpoint.save_population(os.path.join(out, "population"), params, cfg=self.cfg,
+                               hf_config=self.hf_config, source_dtype=self.source_dtype,
+                               tokenizer_from=self.tok_dir)
+    stage.commit({"examples": result.examples, "steps": result.steps,
+                  "final_loss": result.final_loss, "tokens": result.tokens,
+                  "seconds": result.seconds})
+    shutil.rmtree(os.path.join(self.workdir, f"iter_{k:02d}", "finetune_state"),
+                  ignore_errors=True)
+    return params
+
+  def _eval(self, k: int, pop: Params, stage: Stage):
+    t0 = time.perf_counter()
+    result, d, problems = self.evaluate(pop, seed=stage_seed(self.plan.seed, k, "eval"))
+    out = stage.begin()
+    _save_debate(os.path.join(out, "debate.json"), problems, d)
+    result["seconds"] = time.perf_counter() - t0
+    stage.commit(result)
+
+  def evaluate(self, pop: Params, *, seed: int) -> tuple[dict, debate.Debate, list[Problem]]:
+    """Debate on the held-out problems and its metrics (also `launch.evaluate`)."""
+    p = self.plan
+    problems = self.problems("test")
+    d = self._run_debate(pop, problems, rounds=p.eval_rounds, options=p.eval_options, seed=seed)
+    result = metrics.evaluate(d, self.task, problems, jax.random.key(seed))
+    result["problems"] = len(problems)
+    if p.cross_nll:
+      # Authors: generators' round-1 responses, critics' last-round responses.
+      N = p.generators
+      responses = [(0, n) for n in range(N)] + [(-1, n) for n in range(N) if p.critics]
+      rows = [[(d.messages[r][n][b], d.texts[r][n][b]) for b in range(len(problems))]
+              for r, n in responses]
+      sums, counts = self._row_nll(pop, rows)
+      result["cross_nll"] = (sums.sum(-1) / np.maximum(counts.sum(-1), 1)).tolist()
+    return result, d, problems
+
+  def _row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
+    """rows[author][b] = (messages, response) -> per-row NLL sums and token
+    counts f32/i32[A_scorer, A_author, b], in chunks of eval.nll_batch rows."""
+    T = self.plan.sft.seq_len
+
+    def encode(messages, response):
+      text, special = prompts.to_text(messages, self.tok)
+      return scoring.scoring_rows(self.tok.encode(text, add_special_tokens=special),
+                                  self.tok.encode(response, add_special_tokens=False), T,
+                                  self.pad_id)
+
+    encoded = [[encode(m, t) for m, t in author] for author in rows]
+    B, chunk = len(encoded[0]), self.plan.nll_batch
+    sums, counts = [], []
+    for c in range(0, B, chunk):
+      part = [a[c:c + chunk] for a in encoded]
+      pad = chunk - len(part[0])
+      batch = {key: np.stack([np.stack([r[key] for r in a] + [np.zeros(T, np.int32)] * pad)
+                              for a in part]) for key in sft.BATCH_KEYS}
+      s, n = scoring.row_nll(pop, batch, cfg=self.cfg, ce_chunk=self.plan.sft.hyper.ce_chunk)
+      sums.append(np.asarray(s)[..., :chunk - pad])
+      counts.append(np.asarray(n)[..., :chunk - pad])
+    return np.concatenate(sums, -1), np.concatenate(counts, -1)
+
+
+# ----------------------------------------------------------------------------- selection
+
+def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: Plan, tokenizer,
+           key: jax.Array, score: Callable | None = None) -> tuple[list[list[dict]], dict]:
+  """Each agent's SFT rows from a training debate, and a summary of the sets.
+
+  Slot n's round-1 answer (generator n) and last-round answer (critic n, or
+  generator n without critics) are compared with a target: the consensus of
+  the last round (`paper`) or the reference (`ground_truth`, `cross_agent`).
+
+  - paper / ground_truth: generator n trains on its own agreeing round-1
+    responses (D^G_n); critic n on its corrected transcripts D^C-_n plus a
+    seeded subset of D^C+_n so corrected ones make up `critic_weight`
+    (`scoring.paper_selection`).
+  - cross_agent: within each role (generators: round 1; critics: last round),
+    agent a trains on every verified response b of every agent a' with weight
+    w[a, a', b] from `scoring.cross_agent_weights` (own successes weigh >= 1;
+    weight doubles on problems a failed; softmax over a's NLL of the verified
+    responses, so unlikely ones weigh more). A weight becomes a number of
+    copies by seeded stochastic rounding: floor(w), plus one with probability
+    w - floor(w).
+  """
+  N, B, M = plan.generators, len(problems), d.num_rounds
+  last = M - 1
+  keys_all = list(d.keys[0]) + list(d.keys[last])
+  ids, _ = scoring.answer_ids(keys_all)
+  first_ids, last_ids = ids[:N], ids[N:]
+  k_vote, k_sel, k_round = jax.random.split(key, 3)
+  consensus, votes = (np.asarray(x) for x in scoring.consensus(last_ids, k_vote))
+  flat = list(problems) * N
+
+  def verified(round_index: int) -> np.ndarray:
+    texts = [t for slot in d.texts[round_index] for t in slot]
+    return np.asarray(task.is_correct_many(texts, flat), bool).reshape(N, B)
+
+  first_true, last_true = verified(0), verified(last)
+  consensus_right = np.array([consensus[b] >= 0 and any(
+      last_true[n, b] for n in range(N) if last_ids[n, b] == consensus[b]) for b in range(B)])
+  if plan.selection_mode == "paper":
+    first_ok = np.asarray(scoring.agreement(first_ids, consensus))
+    last_ok = np.asarray(scoring.agreement(last_ids, consensus))
+  else:
+    first_ok, last_ok = first_true, last_true
+  summary = {"mode": plan.selection_mode, "problems": B,
+             "consensus_accuracy": float(consensus_right.mean()),
+             "consensus_rate": float((votes / N).mean())}
+  critics_train = plan.critics
+  if plan.selection_mode in ("paper", "ground_truth"):
+    d_g, d_minus, d_plus, kept = (np.asarray(x) for x in scoring.paper_selection(
+        first_ok, first_ok, last_ok, k_sel, critic_weight=plan.critic_weight))
+    rows = debate.sft_rows(d, 0, d_g, tokenizer)
+    if critics_train:
+      rows += debate.sft_rows(d, last, d_minus | kept, tokenizer)
+    summary.update({"d_g": d_g.sum(1).tolist(), "d_c_minus": d_minus.sum(1).tolist(),
+                    "d_c_plus": d_plus.sum(1).tolist(), "d_c_kept": kept.sum(1).tolist()})
+  else:
+    rows, copies = [], []
+    roles = [(0, first_true)] + ([(last, last_true)] if critics_train else [])
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(k_round)).tolist())
+    for round_index, ok in roles:
+      texts = [[(d.messages[round_index][n][b], d.texts[round_index][n][b]) for b in range(B)]
+               for n in range(N)]
+      sums, counts = score(texts)                      # [A_scorer(all agents), N, B]
+      offset = 0 if round_index == 0 else N
+      nll = sums[offset:offset + N] / np.maximum(counts[offset:offset + N], 1)
+      w = np.asarray(scoring.cross_agent_weights(ok, nll, temperature=plan.cross_temperature))
+      n_copies = np.floor(w).astype(int) + (rng.random(w.shape) < w - np.floor(w))
+      copies.append(n_copies.sum(axis=(1, 2)).tolist())
+      all_rows = [debate.sft_rows(d, round_index, np.ones((N, B), bool), tokenizer)[n]
+                  for n in range(N)]
+      for a in range(N):
+        rows.append([all_rows[src][b] for src in range(N) for b in range(B)
+                     for _ in range(int(n_copies[a, src, b]))])
+    summary["d_g"] = first_true.sum(1).tolist()
+    summary["cross_copies"] = copies
+  summary["selected"] = [len(r) for r in rows]
+  return rows, summary
+
+
+# ----------------------------------------------------------------------------- table
+
+def _pct(x) -> str:
+  return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+def table(records: Sequence[Mapping[str, Any]], plan: Plan) -> str:
+  """The per-iteration table printed after every iteration."""
+  evals = {r["iteration"]: r for r in records if r["stage"] == "eval"}
+  sel = {r["iteration"]: r for r in records if r["stage"] == "select"}
+  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * plan.generators}}  {'mean':>6}  "
+           f"{'majority':>8}  {'debate':>6}  {'best-of-N':>9}  {'consensus':>9}  selected"]
+  for k in sorted(evals):
+    e = evals[k]
+    accs = e.get("round1_accuracy", [])
+    lines.append(
+        f"{k:>4}  {' '.join(_pct(x) for x in accs):<{7 * plan.generators}}  "
+        f"{_pct(float(np.mean(accs)) if accs else None):>6}  "
+        f"{_pct(e.get('majority_accuracy')):>8}  {_pct(e.get('debate_accuracy')):>6}  "
+        f"{_pct(e.get('best_of_n_accuracy')):>9}  {_pct(e.get('consensus_rate')):>9}  "
+        f"{sel[k]['selected'] if k in sel else '-'}")
+  return "\n".join(lines)

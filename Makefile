@@ -5,7 +5,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: test venv clean-venv
+.PHONY: test demo venv clean-venv
+DEMO_DIR ?= runs/demo
 
 venv: $(STAMP)
 
@@ -18,6 +19,11 @@ $(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# MAFT end to end on CPU: builds the tiny base once (cached in $(DEMO_DIR)), then
+# debates, selects, finetunes and evaluates; resumes if interrupted.
+demo: $(STAMP)
+	$(PY) -m launch.train --config=configs/demo.py --workdir=$(DEMO_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from maft_jax import checkpoint, hf, population
 from maft_jax.model import ModelConfig, Params
@@ -40,3 +41,15 @@ def load(*, hf_dir: str | None, checkpoint_dir: str | None, agents: int | None,
     pop = population.stack(population.unstack(pop)[:agents])
   tok = Tokenizer(checkpoint.tokenizer_dir(checkpoint_dir))
   return Loaded(pop, meta.cfg, tok, meta.hf_config, meta.source_dtype)
+
+
+class _DropOrbaxInfo(logging.Filter):
+  """orbax logs every save and restore step at INFO; keep its warnings only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax() -> None:
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())

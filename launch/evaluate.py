@@ -16,6 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import common
 from maft_jax import checkpoint, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with --checkpoint).")
@@ -75,4 +76,5 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  common.quiet_orbax()
   app.run(main)

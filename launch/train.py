@@ -12,11 +12,11 @@ metrics.jsonl, TensorBoard events (tb/), transcripts and checkpoints under
 the workdir, prints a per-iteration table, and at the end report.md + plots.
 """
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import common
 from maft_jax import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
@@ -45,4 +45,5 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  common.quiet_orbax()
   app.run(main)

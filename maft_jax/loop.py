@@ -225,6 +225,14 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
                                          or t["name"].startswith("reasoning_gym:")),
          "task.name", t["name"], f"unknown task; tasks: {', '.join(sorted(tasks._REGISTRY))}, "
          "reasoning_gym:<dataset>")
+  if "path" in t["options"]:
+    path = t["options"]["path"]
+    _check(isinstance(path, str) and os.path.isfile(path), "task.options.path", path,
+           f"task {t['name']!r} reads its problems from a local file: give an existing file")
+  try:  # builds the task object only; problems are read when first used
+    tasks.load(t["name"], **t["options"])
+  except tasks.TaskError as err:
+    raise ConfigError(f"config.task.options: {err}") from None
   a, d, s, f, e = c["agents"], c["debate"], c["selection"], c["finetune"], c["eval"]
   if a["shared"]:
     _check(not a["critics"], "agents.shared", True,

@@ -65,7 +65,7 @@ class Result:
   examples: list[int]            # examples per agent
   final_loss: list[float | None]  # each agent's loss at its last update (None: never updated)
   tokens: int                    # completion tokens trained on, all agents, all steps
-  seconds: float
+  seconds: float                 # of this call (a resumed run: since the resume)
 
 
 def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer, *, where: Callable[[int], str]
@@ -147,7 +147,8 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
                 "total_steps": [int(t) for t in total_steps]}
   run_config = json.loads(json.dumps(run_config))  # as it reads back from JSON
   its = _pipelines(examples, s, pad_id)
-  start = 0
+  start, tokens_done = 0, 0
+  last_loss: list[float | None] = [None] * A
   ckpts = checkpoint.TrainCheckpoints(workdir) if workdir else None
   if ckpts is not None and ckpts.latest_step() is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -158,7 +159,7 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
       raise ResumeError(f"{workdir} holds a run with different settings ({extra.get('run')}); "
                         f"this run asks for {run_config}. Use another workdir or the same "
                         "settings.")
-    start = int(extra["step"])
+    start, tokens_done, last_loss = int(extra["step"]), int(extra["tokens"]), extra["last_loss"]
     for it, st in zip(its, extra["data"]):
       if it is not None:
         it.set_state(st)
@@ -174,8 +175,7 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
     except StopIteration:
       return empty
 
-  t0, tokens_done = time.perf_counter(), 0
-  last_loss: list[float | None] = [None] * A
+  t0, tokens_before = time.perf_counter(), tokens_done
   try:
     for step in range(start, num_steps):
       micro = [[next_micro(it) for _ in range(s.grad_accum)] for it in its]
@@ -195,10 +195,12 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
         eta = elapsed / done * (num_steps - step - 1)
         losses = " ".join(f"{l:.3f}" if u else "-" for l, u in zip(loss.tolist(), updated))
         sys.stderr.write(f"\rtraining: step {step + 1}/{num_steps} loss [{losses}] "
-                         f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s, ETA {eta:.0f}s ")
+                         f"{(tokens_done - tokens_before) / max(elapsed, 1e-9):,.0f} tok/s, "
+                         f"ETA {eta:.0f}s ")
         sys.stderr.flush()
       if ckpts is not None and ((step + 1) % s.save_every == 0 or step + 1 == num_steps):
-        ckpts.save(step + 1, state, {"step": step + 1, "run": run_config,
+        ckpts.save(step + 1, state, {"step": step + 1, "run": run_config, "tokens": tokens_done,
+                                     "last_loss": list(last_loss),
                                      "data": [it.get_state() if it else None for it in its]})
   finally:
     # Let an in-flight asynchronous save of the last good state finish, also

@@ -53,3 +53,27 @@ class _DropOrbaxInfo(logging.Filter):
 def quiet_orbax() -> None:
   from absl import logging as absl_logging
   absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag or `--config.x=` override (unknown
+  field, wrong type) exits with one line naming it instead of a traceback."""
+  import sys
+
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    inner = e.args[0] if e.args else e
+    # ml_collections wraps a KeyError in an AttributeError: unwrap to the text.
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    message = str(inner)
+    if isinstance(e, (AttributeError, KeyError)):
+      bad = " ".join(a for a in argv[1:] if a.startswith("--config."))
+      sys.exit(f"error: unknown config field {message.splitlines()[0]} in {bad}"
+               + "".join(f"; {line}" for line in message.splitlines()[1:]))
+    if "Traceback" in message:  # a config file that raised: its first and last lines
+      lines = [line for line in message.splitlines() if line.strip()]
+      message = f"{lines[0]} {lines[-1]}"
+    sys.exit(f"error: {message}")

@@ -77,4 +77,4 @@ def main(argv):
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
   common.quiet_orbax()
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

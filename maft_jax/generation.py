@@ -156,9 +156,11 @@ class Generator:
       out_lengths[:, chunk] = np.asarray(res.lengths).reshape(A, B, S)[:, :n]
       done_tokens += int(out_lengths[:, chunk].sum())
       if self.progress:
-        rate = done_tokens / max(time.perf_counter() - t0, 1e-9)
-        sys.stderr.write(f"\rsampling: {min(c + B, P)}/{P} prompts, {done_tokens} tokens, "
-                         f"{rate:,.0f} tok/s")
+        elapsed = time.perf_counter() - t0
+        done = min(c + B, P)
+        sys.stderr.write(f"\rsampling: {done}/{P} prompts, {done_tokens} tokens, "
+                         f"{done_tokens / max(elapsed, 1e-9):,.0f} tok/s, "
+                         f"ETA {elapsed / done * (P - done):.0f}s ")
         sys.stderr.flush()
     if self.progress:
       sys.stderr.write("\n")

@@ -193,3 +193,42 @@ def test_scoring_rows_layout_and_row_nll_matches_cross_nll():
   matrix = scoring.cross_nll(pop, batch, cfg=cfg)
   np.testing.assert_allclose(np.asarray(sums).sum(-1) / np.asarray(counts).sum(-1), matrix,
                              rtol=1e-5)
+
+
+def _load_config_file(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_shipped_config_validates(tmp_path, monkeypatch):
+  from configs import methods
+  from tests import cli
+  monkeypatch.chdir(cli.ROOT)
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  (model_dir / "config.json").write_text("{}")
+  data = tmp_path / "train.jsonl"
+  data.write_text("")
+  paper, demo = _load_config_file("paper"), _load_config_file("demo")
+  for model in paper.MODELS:
+    for task in paper.TASKS:
+      for method in methods.METHODS:
+        c = paper.get_config(f"model={model},task={task},method={method}")
+        c.model.path = str(model_dir)
+        if "path" in c.task.options:
+          c.task.options.path = str(data)
+        plan = loop.validate(c)
+        assert plan.iterations == (0 if method == "base" else 5)
+        assert (plan.generators, plan.rounds) == ((1, 1) if method == "single_agent" else
+                                                 (5, 2) if method == "five_agents" else
+                                                 (3, 1) if method == "majority_ft" else (3, 2))
+  for variant in ("full", "smoke"):
+    for method in methods.METHODS:
+      loop.validate(demo.get_config(f"{variant},{method}"))
+  with pytest.raises(loop.ConfigError, match=r"config\.task\.options\.path=None"):
+    c = paper.get_config("model=phi3,task=gsm8k")
+    c.model.path = str(model_dir)
+    loop.validate(c)

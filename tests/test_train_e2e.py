@@ -113,3 +113,17 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
   cli.run("train", CONFIG, f"--workdir={killed}", "--config.finetune.save_every=1",
           "--noprogress", "--noreport")
   assert _without_timing(_records(killed)) == _without_timing(records)
+
+
+def test_train_config_errors_are_one_line(tmp_path):
+  work = f"--workdir={tmp_path / 'w'}"
+  cases = [("--config.debate.roundz=3", "unknown config field 'roundz'"),
+           ("--config.debate.rounds=0", "config.debate.rounds=0: must be >= 1"),
+           ("--config.debate.rounds=x", "--config.debate.rounds=x")]
+  for flag, message in cases:
+    proc = cli.run("train", CONFIG, work, flag, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, (flag, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, flag
+  proc = cli.run("train", "--config=configs/demo.py:bogus", work, check=False)
+  assert proc.returncode != 0 and "variant='bogus'" in proc.stderr.splitlines()[-1]
+  assert not os.path.exists(tmp_path / "w")   # nothing was written or built

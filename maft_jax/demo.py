@@ -43,6 +43,8 @@ from maft_jax.tasks.base import Problem
 FORMAT_VERSION = 1  # bump when the corpus or build changes what a setting means
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 INFO_FILE = "demo.json"
+NUM_STEPS = 5                          # steps of a+b*c+d-e*f in a solution
+ERROR_DELTAS = (-10, -2, -1, 1, 2, 10)  # slips of a noisy step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,12 +57,14 @@ class DemoSettings:
   num_heads: int = 4
   num_kv_heads: int = 4
   max_position_embeddings: int = 1024
-  round1_rows: int = 2048       # warm-start rows answering a round-1 prompt
-  debate_rows: int = 512        # warm-start rows answering a debate-round prompt
+  round1_rows: int = 3000       # warm-start rows answering a round-1 prompt
+  debate_rows: int = 300        # warm-start rows answering a debate-round prompt
   num_others: int = 2           # other agents' solutions shown in a debate row
-  wrong_rate: float = 0.4       # chance a shown solution has a wrong step
+  step_noise: float = 0.0       # chance each step of a round-1 completion slips
+  debate_noise: float = 0.0     # the same for debate-round completions
+  shown_noise: float = 0.12     # the same for the solutions a debate row shows
   epochs: int = 1
-  batch_size: int = 8
+  batch_size: int = 6
   seq_len: int = 384
   learning_rate: float = 3e-3
   corpus_seed: int = 1000       # arithmetic seed stream of the warm start (not the task's)
@@ -78,16 +82,17 @@ class DemoSettings:
 # Solutions: the short step-by-step format the base learns.
 
 
-def _steps(operands: Sequence[int], error: tuple[int, int] | None = None
+def _steps(operands: Sequence[int], errors: Mapping[int, int] | None = None
            ) -> list[tuple[str, int]]:
-  """[(left side, result)] of a+b*c+d-e*f; `error=(step, delta)` adds delta to
-  that step's result, and later steps carry the wrong value on correctly."""
+  """[(left side, result)] of a+b*c+d-e*f. `errors` maps a step index (0..4)
+  to a delta added to that step's result; later steps carry the wrong value on
+  correctly, as a solver that slipped once would."""
   a, b, c, d, e, f = operands
+  errors = errors or {}
   out: list[tuple[str, int]] = []
 
   def step(lhs: str, value: int) -> int:
-    if error is not None and error[0] == len(out):
-      value += error[1]
+    value += errors.get(len(out), 0)
     out.append((lhs, value))
     return value
 
@@ -99,21 +104,22 @@ def _steps(operands: Sequence[int], error: tuple[int, int] | None = None
   return out
 
 
-def solution(operands: Sequence[int], error: tuple[int, int] | None = None) -> str:
-  """E.g. ' 3*4=12. 5*6=30. 1+12=13. 13+7=20. 20-30=-10. The answer is \\boxed{-10}.'
-  (leading space: it follows the prompt's 'Answer:' as sampled text does)."""
-  steps = _steps(operands, error)
+def solution(operands: Sequence[int], errors: Mapping[int, int] | None = None) -> str:
+  """E.g. ' 3*4=12. 5*6=30. 1+12=13. 13+7=20. 20-30=-10. The answer is \\boxed{-10}'.
+
+  The leading space follows the prompt's 'Answer:' as sampled text does; the
+  text ends at the box's closing brace, exactly where sampling with
+  `stop_after_boxed` cuts it, so the base's own (cut) answers used as
+  finetuning data end the way its warm-start data did."""
+  steps = _steps(operands, errors)
   body = " ".join(f"{lhs}={value}." for lhs, value in steps)
-  return f" {body} The answer is \\boxed{{{steps[-1][1]}}}."
+  return f" {body} The answer is \\boxed{{{steps[-1][1]}}}"
 
 
-def _wrong_solution(operands: Sequence[int], rng: np.random.Generator) -> str:
-  delta = int(rng.choice([-10, -2, -1, 1, 2, 10]))
-  return solution(operands, (int(rng.integers(0, 5)), delta))
-
-
-def _shown(operands: Sequence[int], rng: np.random.Generator, wrong_rate: float) -> str:
-  return _wrong_solution(operands, rng) if rng.random() < wrong_rate else solution(operands)
+def noisy_solution(operands: Sequence[int], rng: np.random.Generator, step_noise: float) -> str:
+  """A solution whose every step independently slips with probability `step_noise`."""
+  errors = {k: int(rng.choice(ERROR_DELTAS)) for k in range(NUM_STEPS) if rng.random() < step_noise}
+  return solution(operands, errors)
 
 
 # ----------------------------------------------------------------------------
@@ -121,21 +127,22 @@ def _shown(operands: Sequence[int], rng: np.random.Generator, wrong_rate: float)
 
 
 def corpus_rows(s: DemoSettings, max_value: int) -> list[dict[str, str]]:
-  """{"prompt", "completion"} rows: round-1 rows, then debate-round rows whose
-  own/other solutions are each wrong with probability `wrong_rate`; the
-  completion is always the correct solution."""
+  """{"prompt", "completion"} rows: `round1_rows` round-1 rows, then
+  `debate_rows` debate-round rows showing `num_others` + 1 solutions with
+  per-step noise `shown_noise`. Completions are solutions with per-step noise
+  `step_noise` (round 1) and `debate_noise` (debate rounds)."""
   rows = []
   for i in range(s.round1_rows + s.debate_rows):
     problem = arithmetic.make_problem(s.corpus_seed, i, max_value)
     operands = problem.fields["operands"]
+    rng = np.random.default_rng([s.corpus_seed, i, 1])
     if i < s.round1_rows:
-      msgs = prompts.round1(problem)
+      msgs, noise = prompts.round1(problem), s.step_noise
     else:
-      rng = np.random.default_rng([s.corpus_seed, i, 1])
-      msgs = prompts.debate_round(
-          problem, own=_shown(operands, rng, s.wrong_rate),
-          others=[_shown(operands, rng, s.wrong_rate) for _ in range(s.num_others)])
-    rows.append({"prompt": prompts.to_text(msgs, None)[0], "completion": solution(operands)})
+      shown = [noisy_solution(operands, rng, s.shown_noise) for _ in range(s.num_others + 1)]
+      msgs, noise = prompts.debate_round(problem, own=shown[0], others=shown[1:]), s.debate_noise
+    rows.append({"prompt": prompts.to_text(msgs, None)[0],
+                 "completion": noisy_solution(operands, rng, noise)})
   return rows
 
 
@@ -144,13 +151,18 @@ def corpus_rows(s: DemoSettings, max_value: int) -> list[dict[str, str]]:
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str):
-  """Byte-level BPE (lossless), digits split into single tokens, <s> prepended,
-  no chat template; written as tokenizer.json + tokenizer_config.json."""
+  """Byte-level BPE (lossless), <s> prepended, no chat template; written as
+  tokenizer.json + tokenizer_config.json (+ generation_config.json).
+
+  Digits and punctuation are always single tokens: digits so arithmetic is
+  learnable, punctuation so that text cut at any brace (the `\\boxed{}` stop)
+  re-encodes to the very tokens that were sampled (no merges like '}.' or '{-')."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.Punctuation(behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
@@ -247,7 +259,7 @@ def build_base(out_dir: str, s: DemoSettings, *, task_options: dict,
   eval_batch = _eval_batch(examples, s, special[PAD])
   loss_before = float(finetune.eval_loss(pop, eval_batch, cfg=cfg)[0])
   settings = sft.Settings(
-      hyper=finetune.Hyper(learning_rate=s.learning_rate, warmup_frac=0.05, weight_decay=0.0),
+      hyper=finetune.Hyper(learning_rate=s.learning_rate, warmup_frac=0.05, b2=0.95),
       epochs=s.epochs, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed)
   result = sft.run(pop, [examples], cfg=cfg, settings=settings, pad_id=special[PAD],
                    progress=False, log=log)

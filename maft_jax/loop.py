@@ -597,15 +597,17 @@ class Run:
   def _row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
     """rows[author][b] = (messages, response) -> per-row NLL sums and token
     counts f32/i32[A_scorer, A_author, b], in chunks of eval.nll_batch rows."""
-    T = self.plan.sft.seq_len
-
-    def encode(messages, response):
+    def ids(messages, response):
       text, special = prompts.to_text(messages, self.tok)
-      return scoring.scoring_rows(self.tok.encode(text, add_special_tokens=special),
-                                  self.tok.encode(response, add_special_tokens=False), T,
-                                  self.pad_id)
+      return (self.tok.encode(text, add_special_tokens=special),
+              self.tok.encode(response, add_special_tokens=False))
 
-    encoded = [[encode(m, t) for m, t in author] for author in rows]
+    pairs = [[ids(m, t) for m, t in author] for author in rows]
+    # Rows as long as the longest pair needs (bucketed, at most finetune.seq_len).
+    longest = max(len(p) + len(c) for author in pairs for p, c in author)
+    T = min(generation.bucket_length(longest, 16), self.plan.sft.seq_len)
+    encoded = [[scoring.scoring_rows(p, c, T, self.pad_id) for p, c in author]
+               for author in pairs]
     B, chunk = len(encoded[0]), self.plan.nll_batch
     sums, counts = [], []
     for c in range(0, B, chunk):

@@ -4,6 +4,7 @@ killed mid-finetune resumes to the same result), launch.evaluate and the report.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
   # Killed in the middle of iteration 1's finetuning (after a training checkpoint),
   # the run resumes from that checkpoint and ends exactly where the first run ended.
   killed = str(tmp_path / "killed")
+  shutil.copytree(os.path.join(work, "demo_base"), os.path.join(killed, "demo_base"))  # reused
   state = os.path.join(killed, "iter_01", "finetune_state")
   _kill_when(killed, lambda: os.path.isdir(state) and any(
       n.isdigit() for n in os.listdir(state)))
@@ -118,8 +120,7 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
 def test_train_config_errors_are_one_line(tmp_path):
   work = f"--workdir={tmp_path / 'w'}"
   cases = [("--config.debate.roundz=3", "unknown config field 'roundz'"),
-           ("--config.debate.rounds=0", "config.debate.rounds=0: must be >= 1"),
-           ("--config.debate.rounds=x", "--config.debate.rounds=x")]
+           ("--config.debate.rounds=0", "config.debate.rounds=0: must be >= 1")]
   for flag, message in cases:
     proc = cli.run("train", CONFIG, work, flag, check=False)
     assert proc.returncode != 0 and message in proc.stderr, (flag, proc.stderr[-2000:])

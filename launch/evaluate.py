@@ -46,7 +46,7 @@ def main(argv):
       if k and k not in done:
         raise loop.ConfigError(f"--iteration={k}: {_WORKDIR.value} has finetuned populations "
                                f"for iterations {done or 'none'}")
-      seed = loop.stage_seed(plan.seed, k, "eval")
+      seed = loop.eval_seed(plan.seed)
       source = f"{_WORKDIR.value} iteration {k}"
     else:
       if _CONFIG.value is None or not _CHECKPOINT.value:
@@ -57,7 +57,7 @@ def main(argv):
                              path=_CHECKPOINT.value)
       plan = loop.validate(config)
       run = loop.Run(plan, _CHECKPOINT.value)  # nothing is written there
-      k, seed, source = 0, loop.stage_seed(plan.seed, 0, "eval"), _CHECKPOINT.value
+      k, seed, source = 0, loop.eval_seed(plan.seed), _CHECKPOINT.value
   except (loop.ConfigError, checkpoint.CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
   if _SEED.value is not None:

@@ -11,7 +11,7 @@ The base is deliberately weak but not useless, because that is where MAFT
 has something to add: single samples are right only part of the time and
 their errors differ from sample to sample, so the majority of a few samples
 beats one and answers that agree with it are better data than single
-samples. Two things make it so: the warm start is short (about a minute of CPU), and its
+samples. Two things make it so: the warm start is short (under two minutes of CPU), and its
 round-1 completions slip now and then (`step_noise`: a step's result is off,
 later steps carry the wrong value on). Debate-round completions are correct
 (`debate_noise` 0): a critic learns to answer right from mixed advice.
@@ -25,20 +25,24 @@ place, plus `demo.json`: the settings it was built from (a later call with
 the same settings reuses the directory, other settings rebuild it), the
 warm-start losses and timings.
 
-Measured on a 2-core CPU (max_value=3, the demo's defaults): the build takes
-~85 s (500 steps over ~336k tokens; 384-token rows, where the attention's
-[heads, T, T] scores cost as much as the matmuls). Sampling at T=0.8, one
-sample is right on 25-41% of held-out problems and the majority of three on
-4-6 points more, depending on the seed (0, 1, 2 gave 25, 33, 37%: the short
-run ends just past the point where copying operands is learned, so the
-default seed is the best of those three, and another jax version may land
-elsewhere in that range). Solutions take at most 50 tokens + EOS at
-max_value=3; a round-1 prompt is 63 tokens, a debate prompt with two others
-~315. The debate round is the weak spot: its 400 rows (40% of the tokens)
-teach the format, but critics find the operands ~300 tokens back only
-sometimes (~15% right at T=0.8). XLA's fast-compile flags (`--xla_backend_optimization_level=0`, used by
-the tests) halve compile time but double step time: they make this build
-~2x slower (the smoke build, compile-bound, ~20% faster).
+Measured on a 2-core CPU (max_value=3, the demo's defaults, 2026-11-29):
+the build takes ~100 s (1800 round-1 rows and 1200 debate-round rows, ~630k
+tokens; 384-token rows, where the attention's [heads, T, T] scores cost as
+much as the matmuls). Sampling at T=0.8 on the demo's 96 held-out problems,
+one sample is right on ~60% and the majority of three on ~67%; critics
+answering the debate prompt on ~36% (they must find operands ~300 tokens
+back), so the final round's consensus is right on ~44%, yet the round-1
+responses that agree with it are right ~89% of the time: better data than
+the base's own samples, which is what MAFT needs. The build sits near a
+threshold (copying operands is learned late in the run): with 400 debate
+rows critics were right on ~20% and consensus was noise (accuracy fell over
+iterations); with 1200 round-1 rows instead of 1800 one sample was right on
+~16%. Another jax version may land elsewhere. Solutions take at most 50
+tokens + EOS at max_value=3; a round-1 prompt is 63 tokens, a debate prompt
+with two others ~315. XLA's fast-compile flags
+(`--xla_backend_optimization_level=0`, used by the tests) halve compile time
+but double step time: they make this build ~2x slower (the smoke build,
+compile-bound, ~20% faster).
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class DemoSettings:
   num_kv_heads: int = 8
   max_position_embeddings: int = 1024
   round1_rows: int = 1800       # warm-start rows answering a round-1 prompt
-  debate_rows: int = 400        # warm-start rows answering a debate-round prompt
+  debate_rows: int = 1200       # warm-start rows answering a debate-round prompt
   num_others: int = 2           # other agents' solutions shown in a debate row
   step_noise: float = 0.08      # chance each step of a round-1 completion slips
   debate_noise: float = 0.0     # the same for debate-round completions
@@ -250,13 +254,14 @@ def _eval_batch(examples: Sequence[Mapping[str, Any]], seq_len: int, pad_id: int
 
 
 def _train(pop, examples: Sequence[Mapping[str, Any]], seq_len: int, cfg: model.ModelConfig,
-           s: DemoSettings, pad_id: int, log: Callable[[str], None]) -> sft.Result:
+           s: DemoSettings, pad_id: int, log: Callable[[str], None], progress: bool
+           ) -> sft.Result:
   """One epoch over `examples`, packed into `batch_tokens`-token steps; Adam
   with b2=0.95 (a short run: the second moment must follow the loss quickly)."""
   settings = sft.Settings(
       hyper=finetune.Hyper(learning_rate=s.learning_rate, warmup_frac=0.05, b2=0.95),
       epochs=1, batch_size=max(1, s.batch_tokens // seq_len), seq_len=seq_len, seed=s.seed)
-  return sft.run(pop, [examples], cfg=cfg, settings=settings, pad_id=pad_id, progress=False,
+  return sft.run(pop, [examples], cfg=cfg, settings=settings, pad_id=pad_id, progress=progress,
                  log=log)
 
 
@@ -285,7 +290,7 @@ def read_info(out_dir: str) -> dict[str, Any] | None:
 
 
 def build_base(out_dir: str, s: DemoSettings, *, task_options: dict,
-               log: Callable[[str], None] = logging.info) -> str:
+               log: Callable[[str], None] = logging.info, progress: bool = False) -> str:
   """Build (or reuse, if out_dir already holds one built with the same
   settings) a tiny HF model directory: config.json + model.safetensors +
   tokenizer.json + tokenizer_config.json, written atomically (out_dir +
@@ -320,7 +325,7 @@ def build_base(out_dir: str, s: DemoSettings, *, task_options: dict,
   pop = population.replicate(init_params(cfg, s.seed), 1)
   eval_batch = _eval_batch(examples, seq_len, special[PAD])
   loss_before = float(finetune.eval_loss(pop, eval_batch, cfg=cfg)[0])
-  result = _train(pop, examples, seq_len, cfg, s, special[PAD], log)
+  result = _train(pop, examples, seq_len, cfg, s, special[PAD], log, progress)
   pop = result.params
   loss_after = float(finetune.eval_loss(pop, eval_batch, cfg=cfg)[0])
   log(f"demo base: warm start {result.steps[0]} steps in {result.seconds:.1f}s, loss "

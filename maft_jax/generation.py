@@ -44,7 +44,7 @@ class Options:
   method: object = sampling.Greedy()
   num_samples: int = 1
   batch_size: int = 32          # prompts per device call (rows = batch_size * num_samples)
-  min_bucket: int = 16          # prompt lengths round up to min_bucket * 2^k
+  min_bucket: int = 16          # prompt lengths round up to min_bucket * {1, 1.5} * 2^k
   stop_strings: tuple[str, ...] = ()
   stop_after_boxed: bool = False
   extra_stop_ids: tuple[int, ...] = ()
@@ -56,8 +56,12 @@ class Options:
 
 
 def bucket_length(n: int, min_bucket: int) -> int:
+  """The smallest of min_bucket * {1, 1.5, 2, 3, 4, 6, ...} that holds n:
+  at most a third of a row is padding, with two compiled shapes per octave."""
   b = min_bucket
   while b < n:
+    if b * 3 // 2 >= n and (b * 3) % 2 == 0 and b > min_bucket:
+      return b * 3 // 2
     b *= 2
   return b
 

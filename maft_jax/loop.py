@@ -30,7 +30,10 @@ training checkpoint) and ends with the same result as an uninterrupted run.
 
 Randomness is derived, never carried: every stage draws from
 `stage_seed(seed, iteration, stage)`; inside it, samplers fold in the agent,
-the prompt row and the step, and the trainer the agent.
+the prompt row and the step, and the trainer the agent. Evaluation is the
+exception: every iteration's evaluation samples with `eval_seed(seed)` (common
+random numbers), so the change from one iteration to the next reflects the
+weights, not a new draw of the sampling noise.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from maft_jax import (checkpoint, debate, finetune, generation, hf, lora, metrics, population,
-                      sampling, scoring, sft)
+                      sampling, scoring, sft, sharding)
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import Problem, Task, prompts
 from maft_jax.tasks.base import read_jsonl
@@ -59,8 +62,9 @@ from maft_jax.tokenizer import Tokenizer, check_fits
 STAGES = ("debate", "select", "finetune", "eval")
 SELECTION_MODES = ("paper", "ground_truth", "cross_agent")
 MODEL_SOURCES = ("hf", "checkpoint", "demo")
-# Fields a rerun of a workdir may change: more iterations extend the run.
-RESUMABLE_CHANGES = ("iterations", "name")
+# Fields (or groups) a rerun of a workdir may change: more iterations extend
+# the run; a resumed run may use another slice of devices.
+RESUMABLE_CHANGES = ("iterations", "name", "mesh")
 
 
 class ConfigError(ValueError):
@@ -107,7 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
       lora_rank=0, lora_alpha=0.0, lora_targets=",".join(lora.TARGETS)))
   c.eval = ml_collections.ConfigDict(dict(
       rounds=2, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
-      batch_size=32, cross_nll=True, nll_batch=16))
+      batch_size=32, cross_nll=True, nll_batch=16,
+      nll_problems=0))                 # cross-agent NLL on the first K problems (0: all)
+  # Device mesh over sharding.MESH_AXES; -1 fills the remaining devices. The
+  # rule table (sharding.DEFAULT_RULES) places every array on it.
+  c.mesh = ml_collections.ConfigDict(dict(agent=1, data=1, fsdp=-1, tensor=1))
   return c
 
 
@@ -144,6 +152,8 @@ class Plan:
   eval_options: generation.Options
   cross_nll: bool
   nll_batch: int
+  nll_problems: int
+  mesh: tuple[int, ...]                # sizes of sharding.MESH_AXES, -1 resolved
 
   @property
   def num_agents(self) -> int:
@@ -195,7 +205,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
           ("debate.batch_size", 1), ("finetune.epochs", 1), ("finetune.batch_size", 1),
           ("finetune.seq_len", 2), ("finetune.grad_accum", 1), ("finetune.save_every", 1),
           ("finetune.lora_rank", 0), ("eval.rounds", 1), ("eval.max_new_tokens", 1),
-          ("eval.batch_size", 1), ("eval.nll_batch", 1)]
+          ("eval.batch_size", 1), ("eval.nll_batch", 1), ("eval.nll_problems", 0)]
   for field, low in ints:
     value = _get(c, field)
     _check(isinstance(value, int) and not isinstance(value, bool), field, value,
@@ -266,6 +276,14 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
            f"unknown projection(s) {bad}; choose from {', '.join(lora.TARGETS)}")
     lcfg = lora.LoraConfig(rank=f["lora_rank"], alpha=f["lora_alpha"] or 2.0 * f["lora_rank"],
                            targets=targets)
+  for axis in sharding.MESH_AXES:
+    size = c["mesh"][axis]
+    _check(isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1),
+           f"mesh.{axis}", size, "must be a positive integer or -1 (fill the remaining devices)")
+  try:
+    mesh = sharding.mesh_shape(c["mesh"], jax.device_count())
+  except sharding.MeshError as err:
+    raise ConfigError(f"config.mesh={c['mesh']}: {err}") from None
   prompt_room = f["seq_len"] - d["max_new_tokens"]
   _check(prompt_room >= 16, "finetune.seq_len", f["seq_len"],
          f"rows hold a prompt and a response of up to debate.max_new_tokens="
@@ -289,7 +307,8 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
               critic_weight=float(s["critic_weight"]),
               cross_temperature=float(s["cross_temperature"]), init=f["init"], sft=settings,
               eval_rounds=e["rounds"], eval_options=options(e, eval_method),
-              cross_nll=e["cross_nll"], nll_batch=e["nll_batch"])
+              cross_nll=e["cross_nll"], nll_batch=e["nll_batch"],
+              nll_problems=e["nll_problems"], mesh=mesh)
 
 
 def _get(c: Mapping[str, Any], field: str):
@@ -305,9 +324,15 @@ def stage_seed(seed: int, iteration: int, stage: str) -> int:
   return int(state[0]) % (1 << 20)
 
 
+def eval_seed(seed: int) -> int:
+  """The sampling seed of every iteration's held-out evaluation (see the module docstring)."""
+  return stage_seed(seed, 0, "eval")
+
+
 def config_changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-  return [d for d in sft.describe_changes(saved, wanted)
-          if d.split(" ", 1)[0] not in RESUMABLE_CHANGES]
+  def resumable(field: str) -> bool:
+    return any(field == f or field.startswith(f + ".") for f in RESUMABLE_CHANGES)
+  return [d for d in sft.describe_changes(saved, wanted) if not resumable(d.split(" ", 1)[0])]
 
 
 # ----------------------------------------------------------------------------- files
@@ -325,9 +350,11 @@ def _read_json(path: str):
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  with open(path, "w") as f:
+  tmp = path + ".tmp"  # readers (and a kill mid-write) never see half a file
+  with open(tmp, "w") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
 
 
 class Stage:
@@ -419,11 +446,24 @@ class Run:
     from maft_jax import demo
     settings = demo.DemoSettings.smoke() if p.demo_preset == "smoke" else demo.DemoSettings()
     path = demo.build_base(os.path.join(self.workdir, "demo_base"), settings,
-                           task_options=p.task_options, log=self.log)
+                           task_options=p.task_options, log=self.log, progress=self.progress)
     return "hf", path
 
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    """The device mesh of `config.mesh` (built on first use)."""
+    if getattr(self, "_mesh", None) is None:
+      self._mesh = sharding.make_mesh(self.plan.mesh)
+    return self._mesh
+
+  def place(self, pop: Params, cfg: ModelConfig) -> Params:
+    """Put a population on the mesh by the rule table; the jitted programs
+    that take it follow its shardings."""
+    return jax.device_put(pop, sharding.shardings(population.axes(cfg), pop, self.mesh))
+
   def load_base(self) -> tuple[Params, ModelConfig, Tokenizer, dict, str, str]:
-    """(population of A base copies, cfg, tokenizer, hf_config, source dtype, tokenizer dir)."""
+    """(population of A base copies on the mesh, cfg, tokenizer, hf_config,
+    source dtype, tokenizer dir)."""
     p = self.plan
     kind, path = self.base_source()
     if kind == "hf":
@@ -431,8 +471,8 @@ class Run:
       tok = Tokenizer(path)
       check_fits(tok, m.cfg.vocab_size, path)
       cfg = dataclasses.replace(m.cfg, remat=p.remat)
-      return (population.replicate(m.params, p.num_agents), cfg, tok, m.hf_config,
-              m.source_dtype, path)
+      return (self.place(population.replicate(m.params, p.num_agents), cfg), cfg, tok,
+              m.hf_config, m.source_dtype, path)
     pop, meta = checkpoint.load_population(path, dtype=p.dtype, param_dtype="float32",
                                            remat=p.remat)
     if meta.num_agents not in (1, p.num_agents):
@@ -440,8 +480,8 @@ class Run:
                         f"agents; this config needs 1 (copied) or {p.num_agents}")
     if meta.num_agents == 1:
       pop = population.replicate(population.select(pop, 0), p.num_agents)
-    return (pop, meta.cfg, Tokenizer(checkpoint.tokenizer_dir(path)), meta.hf_config,
-            meta.source_dtype, checkpoint.tokenizer_dir(path))
+    return (self.place(pop, meta.cfg), meta.cfg, Tokenizer(checkpoint.tokenizer_dir(path)),
+            meta.hf_config, meta.source_dtype, checkpoint.tokenizer_dir(path))
 
   def population_path(self, iteration: int) -> str:
     return os.path.join(Stage(self.workdir, iteration, "finetune").dir, "population")
@@ -450,8 +490,9 @@ class Run:
     """The population after `iteration` (0: the base)."""
     if iteration == 0:
       return self.load_base()[0]
-    pop, _ = checkpoint.load_population(self.population_path(iteration), dtype=self.plan.dtype,
-                                        param_dtype="float32", remat=self.plan.remat)
+    pop, _ = checkpoint.load_population(self.population_path(iteration), mesh=self.mesh,
+                                        dtype=self.plan.dtype, param_dtype="float32",
+                                        remat=self.plan.remat)
     return pop
 
   # -- driver
@@ -567,7 +608,7 @@ class Run:
 
   def _eval(self, k: int, pop: Params, stage: Stage):
     t0 = time.perf_counter()
-    result, d, problems = self.evaluate(pop, seed=stage_seed(self.plan.seed, k, "eval"))
+    result, d, problems = self.evaluate(pop, seed=eval_seed(self.plan.seed))
     out = stage.begin()
     _save_debate(os.path.join(out, "debate.json"), problems, d)
     result["seconds"] = time.perf_counter() - t0
@@ -582,12 +623,13 @@ class Run:
     result["problems"] = len(problems)
     if p.cross_nll:
       # Authors: generators' round-1 responses, critics' last-round responses.
-      N = p.generators
+      N, K = p.generators, p.nll_problems or len(problems)
       responses = [(0, n) for n in range(N)] + [(-1, n) for n in range(N) if p.critics]
-      rows = [[(d.messages[r][n][b], d.texts[r][n][b]) for b in range(len(problems))]
+      rows = [[(d.messages[r][n][b], d.texts[r][n][b]) for b in range(min(K, len(problems)))]
               for r, n in responses]
       sums, counts = self._row_nll(pop, rows)
       result["cross_nll"] = (sums.sum(-1) / np.maximum(counts.sum(-1), 1)).tolist()
+      result["cross_nll_problems"] = len(rows[0])
     return result, d, problems
 
   def _row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -604,7 +646,8 @@ class Run:
     T = min(generation.bucket_length(longest, 16), self.plan.sft.seq_len)
     encoded = [[scoring.scoring_rows(p, c, T, self.pad_id) for p, c in author]
                for author in pairs]
-    B, chunk = len(encoded[0]), self.plan.nll_batch
+    B = len(encoded[0])
+    chunk = min(self.plan.nll_batch, B)  # one compiled shape; no all-padding rows
     sums, counts = [], []
     for c in range(0, B, chunk):
       part = [a[c:c + chunk] for a in encoded]

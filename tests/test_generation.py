@@ -101,4 +101,10 @@ def test_first_boxed_end(text, end):
 
 
 def test_bucket_lengths():
-  assert [generation.bucket_length(n, 16) for n in (1, 16, 17, 33, 200)] == [16, 16, 32, 64, 256]
+  lengths = (1, 16, 17, 33, 49, 65, 97, 200, 315, 385)
+  assert [generation.bucket_length(n, 16) for n in lengths] == [
+      16, 16, 32, 48, 64, 96, 128, 256, 384, 512]
+  # Every bucket is a multiple of the minimum and wastes at most a third of a row.
+  for n in range(17, 2000):
+    b = generation.bucket_length(n, 16)
+    assert b % 16 == 0 and n <= b and (b - n) < b / 3 + 16

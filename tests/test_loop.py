@@ -31,6 +31,11 @@ def _config(**groups):
     (dict(model=dict(source="hf")), "config.model.path=None"),
     (dict(model=dict(source="hf", path="/nonexistent")), "no config.json there"),
     (dict(eval=dict(temperature=-1.0)), "config.eval.temperature=-1.0"),
+    (dict(agents=dict(generators=0)), "config.agents.generators=0: must be >= 1"),
+    (dict(mesh=dict(agent=0)), "config.mesh.agent=0"),
+    # The tests see one CPU device (or 8 fake ones): 3 never divides either.
+    (dict(mesh=dict(agent=3, fsdp=-1)), "config.mesh={'agent': 3, 'data': 1, 'fsdp': -1, "
+     "'tensor': 1}: mesh sizes"),
 ])
 def test_validate_names_the_field(groups, field):
   with pytest.raises(loop.ConfigError, match=field.replace("(", r"\(").replace(".", r"\.")):
@@ -58,11 +63,12 @@ def test_stage_seeds_are_derived_and_distinct():
   assert all(0 <= v < 2**20 for v in seeds.values())
 
 
-def test_config_changes_allow_more_iterations_only():
+def test_config_changes_allow_more_iterations_and_another_mesh_only():
   a = loop.validate(_config()).config
   b = loop.validate(_config(debate=dict(rounds=3))).config
   more = dict(a, iterations=a["iterations"] + 2)
   assert loop.config_changes(a, more) == []
+  assert loop.config_changes(a, dict(a, mesh=dict(a["mesh"], agent=2, fsdp=4))) == []
   assert loop.config_changes(a, b) == ["debate.rounds was 2, now 3"]
 
 

@@ -1,6 +1,7 @@
 """launch.train end to end on configs/demo.py:smoke: two MAFT iterations, then
 resume semantics (a rerun does nothing, a changed config is refused, a run
-killed mid-finetune resumes to the same result), launch.evaluate and the report."""
+killed while sampling, mid-finetune and between iterations resumes to the
+same result), launch.evaluate and the report."""
 
 import json
 import os
@@ -104,14 +105,19 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
               "distinct_answers", "ngram_overlap", "cross_nll"):
     assert evaluated[key] == final_eval[key], key
 
-  # Killed in the middle of iteration 1's finetuning (after a training checkpoint),
-  # the run resumes from that checkpoint and ends exactly where the first run ended.
+  # Killed three times -- while iteration 1 samples its debate, in the middle of
+  # its finetuning (after a training checkpoint), and between iterations 1 and
+  # 2 -- and resumed each time, the run ends exactly where the first run ended.
   killed = str(tmp_path / "killed")
   shutil.copytree(os.path.join(work, "demo_base"), os.path.join(killed, "demo_base"))  # reused
-  state = os.path.join(killed, "iter_01", "finetune_state")
-  _kill_when(killed, lambda: os.path.isdir(state) and any(
-      n.isdigit() for n in os.listdir(state)))
-  assert not os.path.exists(os.path.join(killed, "iter_01", "finetune"))
+  it1 = lambda stage: os.path.join(killed, "iter_01", stage)  # noqa: E731
+  _kill_when(killed, lambda: os.path.isdir(os.path.join(killed, "iter_00", "eval")))
+  assert not os.path.exists(it1("debate"))         # killed before the debate was written
+  state = it1("finetune_state")
+  _kill_when(killed, lambda: os.path.isdir(state) and any(n.isdigit() for n in os.listdir(state)))
+  assert os.path.isdir(it1("select")) and not os.path.exists(it1("finetune"))
+  _kill_when(killed, lambda: os.path.isdir(it1("eval")))
+  assert not os.path.exists(os.path.join(killed, "iter_02", "finetune"))
   cli.run("train", CONFIG, f"--workdir={killed}", "--config.finetune.save_every=1",
           "--noprogress", "--noreport")
   assert _without_timing(_records(killed)) == _without_timing(records)

@@ -104,6 +104,12 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
   for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate",
               "distinct_answers", "ngram_overlap", "cross_nll"):
     assert evaluated[key] == final_eval[key], key
+  # So does launch.evaluate on the population checkpoint with the run's config.
+  out2 = tmp_path / "eval_ckpt.json"
+  cli.run("evaluate", CONFIG, f"--checkpoint={pop_dir}", f"--output={out2}")
+  from_checkpoint = json.loads(out2.read_text())
+  for key in ("round1_accuracy", "debate_accuracy", "cross_nll"):
+    assert from_checkpoint[key] == final_eval[key], key
 
   # Killed three times -- while iteration 1 samples its debate, in the middle of
   # its finetuning (after a training checkpoint), and between iterations 1 and

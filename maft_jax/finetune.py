@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from maft_jax import model
+from maft_jax import model, population, sharding
 from maft_jax.model import ModelConfig, Params
 
 
@@ -172,7 +172,11 @@ def train_step(state, batches, base=None, *, cfg: ModelConfig, h: Hyper, lora_sc
   Returns the new state and per-agent metrics (loss, tokens, grad_norm, lr,
   updated)."""
   fn = functools.partial(_agent_step, cfg=cfg, h=h, lora_scale=lora_scale)
-  return jax.vmap(fn, in_axes=(0, 0, None), spmd_axis_name=spmd_axis_name)(state, batches, base)
+  new_state, metrics = jax.vmap(fn, in_axes=(0, 0, None),
+                                spmd_axis_name=spmd_axis_name)(state, batches, base)
+  if base is None:  # full finetuning: keep parameters and moments on the rule table's layout
+    new_state = sharding.constrain_state(new_state, population.axes(cfg))
+  return new_state, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk"))

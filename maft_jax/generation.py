@@ -91,8 +91,9 @@ class Generator:
   """Generates for a population with one tokenizer; remembers compiled shapes."""
 
   def __init__(self, cfg: ModelConfig, tokenizer, *, pad_id: int | None = None,
-               progress: bool = True, log: Callable[[str], None] = logging.info):
-    self.cfg, self.tok = cfg, tokenizer
+               progress: bool = True, log: Callable[[str], None] = logging.info,
+               spmd_axis_name: str | None = None):
+    self.cfg, self.tok, self.spmd_axis_name = cfg, tokenizer, spmd_axis_name
     self.pad_id = pad_id if pad_id is not None else (
         tokenizer.pad_id if tokenizer.pad_id is not None else
         (tokenizer.eos_ids[0] if tokenizer.eos_ids else 0))
@@ -152,7 +153,8 @@ class Generator:
                  f"samples={S} new_tokens={N} ({len(self.shapes)} shape(s) so far)")
       res = sampling.sample(pop, tokens, mask, key, cfg=self.cfg, method=options.method,
                             max_new_tokens=N, stop_ids=stop_ids, pad_id=self.pad_id,
-                            num_samples=S, row_ids=row_ids)
+                            num_samples=S, row_ids=row_ids,
+                            spmd_axis_name=self.spmd_axis_name)
       n = len(chunk)
       toks = np.asarray(res.tokens).reshape(A, B, S, N)[:, :n]
       out_tokens[:, chunk] = toks

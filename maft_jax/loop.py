@@ -65,6 +65,9 @@ MODEL_SOURCES = ("hf", "checkpoint", "demo")
 # Fields (or groups) a rerun of a workdir may change: more iterations extend
 # the run; a resumed run may use another slice of devices.
 RESUMABLE_CHANGES = ("iterations", "name", "mesh")
+# Programs map the population's agent axis onto this mesh axis (vmap's
+# spmd_axis_name), under `sharding.use_mesh(Run.mesh)`.
+AGENT_AXIS = "agent"
 
 
 class ConfigError(ValueError):
@@ -421,7 +424,8 @@ class Run:
     """Load the base: sets the model config, tokenizer and generator; returns
     the base population."""
     pop, self.cfg, self.tok, self.hf_config, self.source_dtype, self.tok_dir = self.load_base()
-    self.gen = generation.Generator(self.cfg, self.tok, progress=self.progress, log=self.log)
+    self.gen = generation.Generator(self.cfg, self.tok, progress=self.progress, log=self.log,
+                                    spmd_axis_name=AGENT_AXIS)
     self.pad_id = self.gen.pad_id
     return pop
 
@@ -498,6 +502,11 @@ class Run:
   # -- driver
 
   def run(self) -> list[dict]:
+    """Every stage not yet done, in order; returns the records."""
+    with sharding.use_mesh(self.mesh):
+      return self._run()
+
+  def _run(self) -> list[dict]:
     p = self.plan
     t0 = time.perf_counter()
     self.check_workdir()
@@ -591,7 +600,8 @@ class Run:
     settings = dataclasses.replace(p.sft, seed=stage_seed(p.seed, k, "finetune"))
     result = sft.run(pop, examples, cfg=self.cfg, settings=settings, pad_id=self.pad_id,
                      workdir=os.path.join(self.workdir, f"iter_{k:02d}", "finetune_state"),
-                     run_id={"iteration": k}, progress=self.progress, log=self.log)
+                     run_id={"iteration": k}, progress=self.progress, log=self.log,
+                     spmd_axis_name=AGENT_AXIS)
     params = result.params
     if p.shared:
       params = population.replicate(population.select(params, 0), p.num_agents)
@@ -616,6 +626,10 @@ class Run:
 
   def evaluate(self, pop: Params, *, seed: int) -> tuple[dict, debate.Debate, list[Problem]]:
     """Debate on the held-out problems and its metrics (also `launch.evaluate`)."""
+    with sharding.use_mesh(self.mesh):
+      return self._evaluate(pop, seed=seed)
+
+  def _evaluate(self, pop: Params, *, seed: int) -> tuple[dict, debate.Debate, list[Problem]]:
     p = self.plan
     problems = self.problems("test")
     d = self._run_debate(pop, problems, rounds=p.eval_rounds, options=p.eval_options, seed=seed)

@@ -210,20 +210,23 @@ def _decode_one(params: Params, state, key, row_ids, *, cfg: ModelConfig, method
   return (tokens, logprobs, lengths.astype(jnp.int32), steps), final
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples",
+                                             "spmd_axis_name"))
 def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
-            num_samples: int = 1):
+            num_samples: int = 1, spmd_axis_name: str | None = None):
   """Decode state of every agent after reading the prompts (see `sample`)."""
   in_axis = 0 if prompts.ndim == 3 else None
   fn = functools.partial(_prefill_one, cfg=cfg, cache_len=cache_len, num_samples=num_samples)
-  return jax.vmap(fn, in_axes=(0, in_axis, in_axis))(pop, prompts, prompt_mask)
+  return jax.vmap(fn, in_axes=(0, in_axis, in_axis),
+                  spmd_axis_name=spmd_axis_name)(pop, prompts, prompt_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "stop_ids",
-                                             "pad_id"), donate_argnames=("state",))
+                                             "pad_id", "spmd_axis_name"),
+                   donate_argnames=("state",))
 def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
-           max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0
-           ) -> tuple[Samples, dict]:
+           max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+           spmd_axis_name: str | None = None) -> tuple[Samples, dict]:
   """Decode every agent from `prefill`'s state. The state is donated and the
   final state returned, so the loop updates the cache in the donated buffers
   instead of copying them first."""
@@ -233,13 +236,14 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(A))
   fn = functools.partial(_decode_one, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, pad_id=pad_id)
-  samples, final = jax.vmap(fn, in_axes=(0, 0, 0, None))(pop, state, keys, row_ids)
+  samples, final = jax.vmap(fn, in_axes=(0, 0, 0, None),
+                            spmd_axis_name=spmd_axis_name)(pop, state, keys, row_ids)
   return Samples(*samples), final
 
 
 def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
            max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-           num_samples: int = 1, row_ids=None) -> Samples:
+           num_samples: int = 1, row_ids=None, spmd_axis_name: str | None = None) -> Samples:
   """Sample every agent: one jitted prefill, then one jitted decode loop.
 
   prompts / prompt_mask: left-padded [B, T] shared by all agents, or [A, B, T]
@@ -247,12 +251,17 @@ def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
   Randomness: agent a, row r, step t draws with fold_in(fold_in(fold_in(key,
   a), row_ids[r]), t), so a row's samples depend only on the key, its agent
   slot and its row id (default: its index), never on the other agents or rows.
+
+  spmd_axis_name: the mesh axis the agent axis is split over (e.g. 'agent',
+  with that mesh current: `sharding.use_mesh`); None leaves placement to the
+  inputs' shardings.
   """
   T = prompts.shape[-1]
   state = prefill(pop, prompts, prompt_mask, cfg=cfg, cache_len=T + max_new_tokens,
-                  num_samples=num_samples)
+                  num_samples=num_samples, spmd_axis_name=spmd_axis_name)
   samples, _ = decode(pop, state, key, row_ids, cfg=cfg, method=method,
-                      max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id)
+                      max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id,
+                      spmd_axis_name=spmd_axis_name)
   return samples
 
 

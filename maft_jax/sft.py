@@ -115,11 +115,14 @@ def describe_changes(saved, wanted, path: str = "") -> list[str]:
 def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: ModelConfig,
         settings: Settings, pad_id: int, workdir: str | None = None,
         run_id: Mapping[str, Any] | None = None, progress: bool = True,
-        log: Callable[[str], None] = logging.info) -> Result:
+        log: Callable[[str], None] = logging.info,
+        spmd_axis_name: str | None = None) -> Result:
   """Train agent a on examples[a]; see the module docstring. `pop` is donated.
 
   `run_id`: what else a resumed run must share with the saved one (e.g. the
   data files), checked together with the settings and step counts.
+  `spmd_axis_name`: the mesh axis the agent axis is split over (that mesh
+  current), as in `finetune.train_step`.
   """
   s = settings
   A = population.num_agents(pop)
@@ -182,7 +185,7 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
       batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
                for k in BATCH_KEYS}
       state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
-                                           lora_scale=scale)
+                                           lora_scale=scale, spmd_axis_name=spmd_axis_name)
       finetune.check_finite(metrics, step)
       tokens_done += int(np.asarray(metrics["tokens"]).sum())
       loss, updated = np.asarray(metrics["loss"]), np.asarray(metrics["updated"])

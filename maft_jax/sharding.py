@@ -117,11 +117,12 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(out)
 
 
-def state_shardings(state_shapes, param_axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
-  """Shardings for a train state: every leaf whose path ends with a parameter's
-  path and has its shape (the parameters, Adam's moments) gets that
-  parameter's logical axes; any other leaf is split on 'agent' along its
-  leading axis (per-agent counters) or replicated (scalars)."""
+def state_specs(state_shapes, param_axes_tree, mesh, rules=DEFAULT_RULES):
+  """PartitionSpecs for a train state: every leaf whose path ends with a
+  parameter's path and has its shape (the parameters, Adam's moments) gets
+  that parameter's logical axes; any other leaf is split on 'agent' along its
+  leading axis (per-agent counters) or replicated (scalars). `mesh` may be
+  abstract (inside jit)."""
   by_path = {}
   for path, axes in jax.tree_util.tree_flatten_with_path(param_axes_tree, is_leaf=_is_axes)[0]:
     by_path[_path_names(path)] = axes
@@ -131,11 +132,30 @@ def state_shardings(state_shapes, param_axes_tree, mesh: Mesh, rules=DEFAULT_RUL
     for n in range(len(names)):
       axes = by_path.get(names[n:])
       if axes is not None and len(axes) == len(leaf.shape):
-        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
+        return logical_to_spec(axes, leaf.shape, mesh, rules)
     axes = ("agent",) + (None,) * (len(leaf.shape) - 1) if leaf.shape else ()
-    return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
+    return logical_to_spec(axes, leaf.shape, mesh, rules)
 
   return jax.tree_util.tree_map_with_path(one, state_shapes)
+
+
+def state_shardings(state_shapes, param_axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings of `state_specs`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      state_specs(state_shapes, param_axes_tree, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def constrain_state(state, param_axes_tree, rules=DEFAULT_RULES):
+  """Inside jit, under `use_mesh`: pin every leaf of a train state (or a
+  population) to the rule table's layout, so that a step's outputs stay where
+  its inputs were put instead of wherever the partitioner finds convenient.
+  Without a current mesh it returns `state` unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return state
+  specs = state_specs(state, param_axes_tree, mesh, rules)
+  return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
 def use_mesh(mesh: Mesh):

@@ -1,0 +1,113 @@
+"""Scale-out on 8 fake CPU devices: a population sampling call and a train
+step on meshes that split agents, data, FSDP and tensor dimensions give the
+results of one device, and the rule table decides where every array lives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maft_jax import data, finetune, model, population, sampling, sharding
+from maft_jax.sharding import PartitionSpec as P
+
+CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+H = finetune.Hyper(learning_rate=1e-3, warmup_frac=0.0, ce_chunk=5)
+A = 8  # agents: every mesh's agent axis divides it
+# (agent, data, fsdp, tensor)
+MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 1, 4, 2), (4, 1, 2, 1)]
+
+
+def _follows_rules(tree, axes_tree, mesh):
+  """Every leaf's sharding is the rule table's for its logical axes."""
+  want = sharding.shardings(axes_tree, tree, mesh)
+  got = jax.tree.map(lambda x: x.sharding.spec, tree)
+  jax.tree.map(lambda g, w: _same_spec(g, w.spec), got, want,
+               is_leaf=lambda x: isinstance(x, P))
+
+
+def _same_spec(got, want):
+  # Trailing unsplit dimensions may be left out of a spec: compare padded.
+  n = max(len(got), len(want))
+  pad = lambda s: tuple(s) + (None,) * (n - len(s))  # noqa: E731
+  assert pad(got) == pad(want), (got, want)
+
+
+def _prompts():
+  rng = np.random.default_rng(0)
+  rows = [rng.integers(4, CFG.vocab_size, n).tolist() for n in (3, 8, 5, 1)]
+  return sampling.left_pad(rows, pad_id=0, length=8)
+
+
+@pytest.fixture(scope="module")
+def pop():
+  assert jax.device_count() == 8
+  return population.init(CFG, jax.random.key(3), A)
+
+
+def test_sampling_on_meshes_matches_one_device(pop):
+  tokens, mask = _prompts()
+  method = sampling.from_flags(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+  kwargs = dict(cfg=CFG, method=method, max_new_tokens=6, stop_ids=(3,), pad_id=0)
+  key = jax.random.key(11)
+  expected = sampling.sample(pop, jnp.asarray(tokens), jnp.asarray(mask), key, **kwargs)
+  for sizes in MESHES:
+    mesh = sharding.make_mesh(sizes)
+    placed = jax.device_put(pop, sharding.shardings(population.axes(CFG), pop, mesh))
+    _follows_rules(placed, population.axes(CFG), mesh)
+    rows = sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"),
+                                                                 tokens.shape, mesh))
+    t, m = jax.device_put(tokens, rows), jax.device_put(mask, rows)
+    with sharding.use_mesh(mesh):
+      state = sampling.prefill(placed, t, m, cfg=CFG, cache_len=14, spmd_axis_name="agent")
+      # The KV cache is split over agents like the parameters are.
+      assert state["cache"]["k"].sharding.spec[0] == ("agent" if sizes[0] > 1 else None)
+      got = sampling.sample(placed, t, m, key, spmd_axis_name="agent", **kwargs)
+    np.testing.assert_array_equal(got.tokens, expected.tokens, err_msg=str(sizes))
+    np.testing.assert_array_equal(got.lengths, expected.lengths, err_msg=str(sizes))
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5, err_msg=str(sizes))
+
+
+def _batch():
+  """[A, 1, b, T] batches: agent a trains on its own examples."""
+  per_agent = []
+  for a in range(A):
+    rng = np.random.default_rng(a)
+    examples = [{"prompt_ids": rng.integers(1, 64, rng.integers(2, 6)).tolist(),
+                 "completion_ids": rng.integers(1, 64, rng.integers(2, 7)).tolist()}
+                for _ in range(6)]
+    per_agent.append(next(data.sft_batches(examples, batch_size=4, seq_len=16, seed=a,
+                                           pad_id=0)))
+  return {k: np.stack([b[k] for b in per_agent])[:, None] for k in per_agent[0]}
+
+
+def test_train_step_on_meshes_matches_one_device(pop):
+  batch = _batch()
+  fresh = lambda: finetune.init_state(jax.tree.map(jnp.copy, pop), H, 10)  # noqa: E731
+  expected, m_expected = finetune.train_step(fresh(), batch, cfg=CFG, h=H)
+  abstract = jax.eval_shape(fresh)
+  for sizes in MESHES:
+    mesh = sharding.make_mesh(sizes)
+    state = jax.device_put(fresh(), sharding.state_shardings(abstract, population.axes(CFG),
+                                                             mesh))
+    _follows_rules(state["params"], population.axes(CFG), mesh)
+    spec = sharding.logical_to_spec(("agent", None, "batch", "length"),
+                                    batch["tokens_BxT"].shape, mesh)
+    placed = jax.device_put(batch, sharding.NamedSharding(mesh, spec))
+    with sharding.use_mesh(mesh):
+      got, m_got = finetune.train_step(state, placed, cfg=CFG, h=H, spmd_axis_name="agent")
+    # The updated parameters stay where the rule table put them.
+    _follows_rules(got["params"], population.axes(CFG), mesh)
+    np.testing.assert_allclose(m_got["loss"], m_expected["loss"], rtol=1e-5, err_msg=str(sizes))
+    jax.tree.map(lambda x, y: _same_update(np.asarray(x), np.asarray(y), str(sizes)),
+                 got["params"], expected["params"])
+
+
+def _same_update(x, y, where):
+  """Equal parameters after one Adam step, to fp32 reduction order. Adam's
+  first step is ~lr * g / (|g| + eps): where a gradient is about eps, a
+  last-bit difference in g moves the update by a visible fraction of lr, so
+  a few such elements may differ by up to 5% of lr; the rest agree to 1e-6."""
+  diff = np.abs(x - y)
+  assert diff.max() <= 0.05 * H.learning_rate, (where, diff.max())
+  assert np.mean(diff > 1e-6) < 1e-3, (where, np.mean(diff > 1e-6))

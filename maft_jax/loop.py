@@ -674,6 +674,42 @@ class Run:
     return np.concatenate(sums, -1), np.concatenate(counts, -1)
 
 
+# ----------------------------------------------------------------------------- memory plan
+
+def model_config(plan: Plan) -> ModelConfig:
+  """The model's architecture and numerics without reading any weights."""
+  if plan.model_source == "hf":
+    cfg = hf.config_from_hf(hf.read_config(plan.model_path), dtype=plan.dtype,
+                            param_dtype="float32", where=f"{plan.model_path}/config.json")
+  elif plan.model_source == "checkpoint":
+    cfg = dataclasses.replace(checkpoint.read_meta(plan.model_path).cfg, dtype=plan.dtype,
+                              param_dtype="float32")
+  else:  # demo: the vocabulary is at most the BPE target, rounded as the build rounds it
+    from maft_jax import demo
+    s = demo.DemoSettings.smoke() if plan.demo_preset == "smoke" else demo.DemoSettings()
+    cfg = hf.config_from_hf(demo.hf_config(s, s.vocab_size, {demo.PAD: 0, demo.BOS: 1,
+                                                              demo.EOS: 2}),
+                            dtype=plan.dtype, param_dtype="float32")
+  return dataclasses.replace(cfg, remat=plan.remat)
+
+
+def memory_plan(plan: Plan, *, capacity: int, compile: bool = True,
+                log: Callable[[str], None] = logging.info):
+  """`memory.plan_memory` for this run on its mesh: sampling at the larger of
+  the debate's and evaluation's batch and lengths (prompts as long as a
+  finetuning row leaves room for), training at finetune.batch_size x
+  grad_accum x seq_len."""
+  from maft_jax import memory
+  new_tokens = max(plan.debate_options.max_new_tokens, plan.eval_options.max_new_tokens)
+  return memory.plan_memory(
+      model_config(plan), agents=plan.num_agents, mesh=sharding.make_mesh(plan.mesh),
+      sample_batch=max(plan.debate_options.batch_size, plan.eval_options.batch_size),
+      prompt_len=plan.sft.seq_len - new_tokens, max_new_tokens=new_tokens,
+      train_batch=plan.sft.batch_size, grad_accum=plan.sft.grad_accum, seq_len=plan.sft.seq_len,
+      hyper=plan.sft.hyper, lora_config=plan.sft.lora, capacity=capacity, compile=compile,
+      log=log)
+
+
 # ----------------------------------------------------------------------------- selection
 
 def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: Plan, tokenizer,

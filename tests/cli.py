@@ -7,9 +7,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(module: str, *args: str, check: bool = True, devices: int = 1
+        ) -> subprocess.CompletedProcess:
+  """`devices`: how many (fake) CPU devices the program sees."""
   from tests.conftest import FAST_COMPILE
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+  flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}"
+                          if devices > 1 else "")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   if check and proc.returncode != 0:

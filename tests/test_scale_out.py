@@ -9,6 +9,7 @@ import pytest
 
 from maft_jax import data, finetune, model, population, sampling, sharding
 from maft_jax.sharding import PartitionSpec as P
+from tests import cli
 
 CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -111,3 +112,32 @@ def _same_update(x, y, where):
   diff = np.abs(x - y)
   assert diff.max() <= 0.05 * H.learning_rate, (where, diff.max())
   assert np.mean(diff > 1e-6) < 1e-3, (where, np.mean(diff > 1e-6))
+
+
+def test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh(tmp_path):
+  """A full-size paper config (Llama-3-8B, 3 generators + 3 critics), planned
+  from its config.json alone: no weights exist, nothing is written."""
+  import json
+
+  from maft_jax import presets
+  model_dir = tmp_path / "llama3"
+  model_dir.mkdir()
+  (model_dir / "config.json").write_text(json.dumps(presets.hf_config("llama-3-8b")))
+  args = ["--config=configs/paper.py:model=llama3,task=arithmetic",
+          f"--config.model.path={model_dir}", f"--workdir={tmp_path / 'run'}", "--dry_run"]
+  one = cli.run("train", *args, "--device_memory_gb=80", check=False)
+  assert one.returncode == 1, one.stderr[-2000:]
+  # 6 agents x 8.03B parameters x (4 bytes f32 + 8 bytes Adam) on one device.
+  assert "parameters (f32 master)    192.73" in one.stdout
+  assert "optimizer state            385.45" in one.stdout
+  last = one.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the run needs 578.2 GB per device, more than the 80.0 GB")
+  assert "config.mesh.fsdp" in last and "config.finetune.lora_rank" in last
+  assert "temporaries          -" in one.stdout  # refused before compiling anything
+
+  pod = cli.run("train", *args, "--device_memory_gb=95", "--config.mesh.agent=2",
+                devices=64)
+  assert "64 devices, mesh agent=2 x data=1 x fsdp=32 x tensor=1" in pod.stdout
+  assert "parameters (f32 master)      3.01" in pod.stdout   # 192.73 / 64
+  assert "-> fits" in pod.stdout and "temporaries          -" not in pod.stdout
+  assert not (tmp_path / "run").exists()

@@ -1,0 +1,181 @@
+"""Per-device memory plan of a MAFT run, from abstract shapes alone.
+
+`launch.train --dry_run` asks this module whether a config fits before any
+weights are loaded. Parameters (the population's float32 master copy),
+optimizer state and the sampler's KV cache are counted exactly from their
+shapes and the rule table's shardings (`sharding.DEFAULT_RULES` on the run's
+mesh): each leaf contributes its per-device shard. Temporaries come from
+XLA's memory analysis of the compiled train step and of the compiled
+prefill and decode programs, lowered from ShapeDtypeStructs (nothing is
+allocated or run). A run has two phases that never overlap on a device:
+
+  sampling  = parameters + KV cache + the larger of prefill/decode temporaries
+  training  = parameters + optimizer state + train-step temporaries
+
+and the plan fits when the larger phase fits the device. When parameters,
+optimizer state and cache alone exceed the device, the plan says so without
+compiling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from maft_jax import finetune, lora, model, population, sampling, sft, sharding
+from maft_jax.model import ModelConfig
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Bytes per device. `*_temp` are None when nothing was compiled."""
+  devices: int
+  mesh: dict[str, int]
+  params: int
+  opt_state: int
+  kv_cache: int
+  train_temp: int | None
+  sample_temp: int | None
+  capacity: int
+
+  @property
+  def sampling(self) -> int:
+    return self.params + self.kv_cache + (self.sample_temp or 0)
+
+  @property
+  def training(self) -> int:
+    return self.params + self.opt_state + (self.train_temp or 0)
+
+  @property
+  def peak(self) -> int:
+    return max(self.sampling, self.training)
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= self.capacity
+
+  def table(self) -> str:
+    def gb(x):
+      return "      -" if x is None else f"{x / GB:7.2f}"
+    mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+    return "\n".join([
+        f"memory plan per device ({self.devices} devices, mesh {mesh}), GB:",
+        f"  parameters (f32 master)   {gb(self.params)}",
+        f"  optimizer state           {gb(self.opt_state)}",
+        f"  KV cache (sampling)       {gb(self.kv_cache)}",
+        f"  train-step temporaries    {gb(self.train_temp)}",
+        f"  sampling temporaries      {gb(self.sample_temp)}",
+        f"  sampling phase            {gb(self.sampling)}",
+        f"  training phase            {gb(self.training)}",
+        f"  peak / capacity           {gb(self.peak)} / {self.capacity / GB:.2f}"
+        f"  -> {'fits' if self.fits else 'DOES NOT FIT'}"])
+
+  def advice(self) -> str:
+    """What to turn when the plan does not fit."""
+    knobs = []
+    if self.opt_state + self.params > self.capacity / 2:
+      knobs.append("more devices on FSDP (config.mesh.fsdp) or LoRA "
+                   "(config.finetune.lora_rank=16 with config.finetune.init=base)")
+    if self.kv_cache + (self.sample_temp or 0) > self.capacity / 4:
+      knobs.append("a smaller config.debate.batch_size / config.eval.batch_size")
+    if (self.train_temp or 0) > self.capacity / 4:
+      knobs.append("a smaller config.finetune.batch_size (with more finetune.grad_accum) or "
+                   "config.model.remat=full")
+    return "; ".join(knobs) or "more devices (config.mesh) or a smaller model"
+
+
+def _bytes(tree) -> int:
+  """Per-device bytes of abstract arrays that carry shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _placed(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def _temp(compiled) -> int:
+  stats = compiled.memory_analysis()
+  return int(getattr(stats, "temp_size_in_bytes", 0) or 0) if stats is not None else 0
+
+
+def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
+                sample_batch: int, prompt_len: int, max_new_tokens: int,
+                train_batch: int, grad_accum: int, seq_len: int, hyper: finetune.Hyper,
+                lora_config: lora.LoraConfig | None, capacity: int, compile: bool = True,
+                log: Callable[[str], None] = lambda m: None) -> MemoryPlan:
+  """The plan of one MAFT run (see the module docstring)."""
+  A = agents
+  pop_abs = population.shapes(cfg, A)
+  pop = _placed(pop_abs, sharding.shardings(population.axes(cfg), pop_abs, mesh))
+  params = _bytes(pop)
+
+  # Optimizer state: of the parameters, or of the per-agent adapters (LoRA).
+  if lora_config is None:
+    trainable, axes = pop_abs, population.axes(cfg)
+  else:
+    trainable = jax.eval_shape(lambda: lora.init(cfg, lora_config, jax.random.key(0), A))
+    axes = jax.tree.map(lambda a: ("agent",) + a, lora.axes(lora_config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+  state_abs = jax.eval_shape(lambda p: finetune.init_state(p, hyper, 1), trainable)
+  state = _placed(state_abs, sharding.state_shardings(state_abs, axes, mesh))
+  opt_state = _bytes(state) - (_bytes(state["params"]) if lora_config is None else 0)
+
+  cache_len = prompt_len + max_new_tokens
+  cache_abs = jax.eval_shape(lambda: jax.vmap(
+      lambda _: model.init_cache(cfg, sample_batch, cache_len))(jnp.arange(A)))
+  cache_axes = {k: ("agent",) + v for k, v in model.cache_axes().items()}
+  cache = _placed(cache_abs, sharding.shardings(cache_axes, cache_abs, mesh))
+  kv_cache = _bytes(cache)
+
+  result = MemoryPlan(devices=mesh.devices.size, mesh=dict(mesh.shape), params=params,
+                      opt_state=opt_state, kv_cache=kv_cache, train_temp=None,
+                      sample_temp=None, capacity=capacity)
+  if not compile or result.peak > capacity:
+    return result  # already too big (or not asked): nothing to compile
+
+  with sharding.use_mesh(mesh):
+    spec = sharding.logical_to_spec(("agent", None, "batch", "length"),
+                                    (A, grad_accum, train_batch, seq_len), mesh)
+    batch = {k: jax.ShapeDtypeStruct((A, grad_accum, train_batch, seq_len), jnp.int32,
+                                     sharding=jax.sharding.NamedSharding(mesh, spec))
+             for k in sft.BATCH_KEYS}
+    base = None
+    if lora_config is not None:
+      one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), pop_abs)
+      base = _placed(one, sharding.shardings(model.param_axes(cfg), one, mesh))
+    log("dry run: compiling the train step")
+    train_temp = _temp(finetune.train_step.lower(
+        state, batch, base, cfg=cfg, h=hyper,
+        lora_scale=lora_config.scale if lora_config else 1.0,
+        spmd_axis_name="agent").compile())
+
+    rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+        ("batch", "length"), (sample_batch, prompt_len), mesh))
+    prompts = jax.ShapeDtypeStruct((sample_batch, prompt_len), jnp.int32, sharding=rows)
+    mask = jax.ShapeDtypeStruct((sample_batch, prompt_len), jnp.bool_, sharding=rows)
+    log("dry run: compiling prefill and decode")
+    prefill = sampling.prefill.lower(pop, prompts, mask, cfg=cfg, cache_len=cache_len,
+                                     spmd_axis_name="agent").compile()
+    state_out = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(lambda p, t, m: sampling.prefill(p, t, m, cfg=cfg, cache_len=cache_len),
+                       pop_abs, prompts, mask),
+        prefill.output_shardings)
+    decode = sampling.decode.lower(pop, state_out, jax.random.key(0), cfg=cfg,
+                                   method=sampling.from_flags(temperature=1.0, top_k=0,
+                                                              top_p=1.0, min_p=0.0),
+                                   max_new_tokens=max_new_tokens,
+                                   spmd_axis_name="agent").compile()
+  return dataclasses.replace(result, train_temp=train_temp,
+                             sample_temp=max(_temp(prefill), _temp(decode)))

@@ -77,3 +77,24 @@ def parse_flags(argv: list[str]) -> list[str]:
       lines = [line for line in message.splitlines() if line.strip()]
       message = f"{lines[0]} {lines[-1]}"
     sys.exit(f"error: {message}")
+
+
+def define_distributed_flags():
+  """--coordinator_address / --num_processes / --process_id; returns the
+  function that joins the processes (call it first thing in main)."""
+  from absl import flags
+
+  from maft_jax import distributed
+  address = flags.DEFINE_string(
+      "coordinator_address", None, "HOST:PORT of process 0, to run as one of several "
+      "processes (with --num_processes and --process_id); 'auto' alone: let JAX detect them "
+      "(Cloud TPU slices, SLURM, ...).")
+  count = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  index = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+
+  def initialize() -> None:
+    try:
+      distributed.initialize(address.value, count.value, index.value)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+  return initialize

@@ -26,10 +26,12 @@ _ITERATION = flags.DEFINE_integer("iteration", None, "Population after this iter
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint (with --config).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's eval seed).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too.")
+_INIT_DISTRIBUTED = common.define_distributed_flags()
 
 
 def main(argv):
   del argv
+  _INIT_DISTRIBUTED()
   try:
     if _WORKDIR.value:
       if _CHECKPOINT.value:
@@ -69,7 +71,8 @@ def main(argv):
   result = {"source": source, **result}
   text = json.dumps(result, indent=1)
   print(text)
-  if _OUTPUT.value:
+  from maft_jax import distributed
+  if _OUTPUT.value and distributed.is_primary():
     with open(_OUTPUT.value, "w") as f:
       f.write(text + "\n")
 

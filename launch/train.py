@@ -30,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it 
                                required=True)
 _REPORT = flags.DEFINE_bool("report", True, "Write report.md and plots at the end.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars for sampling and training.")
+_INIT_DISTRIBUTED = common.define_distributed_flags()
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the per-device memory plan (parameters, optimizer state, KV cache, "
     "compiled temporaries) and exit without loading weights or writing anything; exit status 1 "
@@ -67,6 +68,7 @@ def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py:smoke")
+  _INIT_DISTRIBUTED()
   try:
     plan = loop.validate(_CONFIG.value)
     if _DRY_RUN.value:
@@ -76,7 +78,8 @@ def main(argv):
   except loop.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   run.run()
-  if _REPORT.value:
+  from maft_jax import distributed
+  if _REPORT.value and distributed.is_primary():
     from maft_jax import report
     for path in report.write(_WORKDIR.value):
       print(f"wrote {path}")

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from maft_jax import hf, population, sharding
+from maft_jax import distributed, hf, population, sharding
 from maft_jax.model import ModelConfig, Params
 
 FORMAT = "maft_jax.population"
@@ -47,22 +47,28 @@ def tokenizer_dir(path: str) -> str:
 
 def save_population(path: str, pop: Params, *, cfg: ModelConfig, hf_config: dict[str, Any],
                     source_dtype: str, tokenizer_from: str | None = None) -> str:
+  """Collective: with several processes every one calls it (each writes its
+  shards); the primary writes the metadata and renames the finished directory."""
   path = os.path.abspath(path)
   partial = path + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
+  if distributed.is_primary():
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+  distributed.barrier(f"save_population begin {path}")
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(partial, "params"), pop)
   ckptr.wait_until_finished()
-  meta = {"format": FORMAT, "version": VERSION, "num_agents": population.num_agents(pop),
-          "model_config": cfg.to_dict(), "hf_config": hf_config, "source_dtype": source_dtype}
-  with open(os.path.join(partial, "maft.json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  if tokenizer_from is not None:
-    hf.copy_tokenizer_files(tokenizer_from, tokenizer_dir(partial))
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.replace(partial, path)
+  if distributed.is_primary():
+    meta = {"format": FORMAT, "version": VERSION, "num_agents": population.num_agents(pop),
+            "model_config": cfg.to_dict(), "hf_config": hf_config, "source_dtype": source_dtype}
+    with open(os.path.join(partial, "maft.json"), "w") as f:
+      json.dump(meta, f, indent=2)
+    if tokenizer_from is not None:
+      hf.copy_tokenizer_files(tokenizer_from, tokenizer_dir(partial))
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(partial, path)
+  distributed.barrier(f"save_population end {path}")
   return path
 
 

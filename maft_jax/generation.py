@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from maft_jax import sampling
+from maft_jax import distributed, sampling
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import answers
 
@@ -156,10 +156,10 @@ class Generator:
                             num_samples=S, row_ids=row_ids,
                             spmd_axis_name=self.spmd_axis_name)
       n = len(chunk)
-      toks = np.asarray(res.tokens).reshape(A, B, S, N)[:, :n]
+      toks = distributed.to_host(res.tokens).reshape(A, B, S, N)[:, :n]
       out_tokens[:, chunk] = toks
-      out_logprobs[:, chunk] = np.asarray(res.logprobs).reshape(A, B, S, N)[:, :n]
-      out_lengths[:, chunk] = np.asarray(res.lengths).reshape(A, B, S)[:, :n]
+      out_logprobs[:, chunk] = distributed.to_host(res.logprobs).reshape(A, B, S, N)[:, :n]
+      out_lengths[:, chunk] = distributed.to_host(res.lengths).reshape(A, B, S)[:, :n]
       done_tokens += int(out_lengths[:, chunk].sum())
       if self.progress:
         elapsed = time.perf_counter() - t0

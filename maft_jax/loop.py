@@ -52,8 +52,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from maft_jax import (checkpoint, debate, finetune, generation, hf, lora, metrics, population,
-                      sampling, scoring, sft, sharding)
+from maft_jax import (checkpoint, debate, distributed, finetune, generation, hf, lora, metrics,
+                      population, sampling, scoring, sft, sharding)
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import Problem, Task, prompts
 from maft_jax.tasks.base import read_jsonl
@@ -361,7 +361,10 @@ def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 class Stage:
-  """A stage's output directory, written whole or not at all."""
+  """A stage's output directory, written whole or not at all. With several
+  processes the primary writes it (`begin` and `commit` end with a barrier, so
+  every process then sees the same directory); files inside are written with
+  `Stage.write` (primary only) or collectively (checkpoints)."""
 
   def __init__(self, workdir: str, iteration: int, name: str):
     self.dir = os.path.join(workdir, f"iter_{iteration:02d}", name)
@@ -372,13 +375,23 @@ class Stage:
     return os.path.isdir(self.dir)
 
   def begin(self) -> str:
-    shutil.rmtree(self.partial, ignore_errors=True)
-    os.makedirs(self.partial)
+    if distributed.is_primary():
+      shutil.rmtree(self.partial, ignore_errors=True)
+      os.makedirs(self.partial)
+    distributed.barrier(f"begin {self.dir}")
     return self.partial
 
+  @staticmethod
+  def write(fn: Callable[[], None]) -> None:
+    """Run a file write on the primary process only."""
+    if distributed.is_primary():
+      fn()
+
   def commit(self, summary: Mapping[str, Any]) -> None:
-    _write_json(os.path.join(self.partial, "summary.json"), summary)
-    os.replace(self.partial, self.dir)
+    if distributed.is_primary():
+      _write_json(os.path.join(self.partial, "summary.json"), summary)
+      os.replace(self.partial, self.dir)
+    distributed.barrier(f"commit {self.dir}")
 
   def summary(self) -> dict:
     return _read_json(os.path.join(self.dir, "summary.json"))
@@ -417,8 +430,10 @@ class Run:
       if changes:
         raise ConfigError(f"{self.workdir} holds a run with a different config: "
                           f"{'; '.join(changes)}. Use another workdir or the same config.")
-    os.makedirs(self.workdir, exist_ok=True)
-    _write_json(cfg_path, self.plan.config)
+    if distributed.is_primary():
+      os.makedirs(self.workdir, exist_ok=True)
+      _write_json(cfg_path, self.plan.config)
+    distributed.barrier("check_workdir")
 
   def prepare(self) -> Params:
     """Load the base: sets the model config, tokenizer and generator; returns
@@ -449,9 +464,12 @@ class Run:
       return p.model_source, p.model_path
     from maft_jax import demo
     settings = demo.DemoSettings.smoke() if p.demo_preset == "smoke" else demo.DemoSettings()
-    path = demo.build_base(os.path.join(self.workdir, "demo_base"), settings,
-                           task_options=p.task_options, log=self.log, progress=self.progress)
-    return "hf", path
+    build = lambda: demo.build_base(  # noqa: E731
+        os.path.join(self.workdir, "demo_base"), settings, task_options=p.task_options,
+        log=self.log, progress=self.progress)
+    path = build() if distributed.is_primary() else None
+    distributed.barrier("demo_base")
+    return "hf", path or build()  # other processes find it built: a read
 
   @property
   def mesh(self) -> jax.sharding.Mesh:
@@ -463,7 +481,10 @@ class Run:
   def place(self, pop: Params, cfg: ModelConfig) -> Params:
     """Put a population on the mesh by the rule table; the jitted programs
     that take it follow its shardings."""
-    return jax.device_put(pop, sharding.shardings(population.axes(cfg), pop, self.mesh))
+    shards = sharding.shardings(population.axes(cfg), pop, self.mesh)
+    if jax.process_count() > 1:  # every process holds the same values: place from host
+      pop = jax.tree.map(np.asarray, pop)
+    return jax.device_put(pop, shards)
 
   def load_base(self) -> tuple[Params, ModelConfig, Tokenizer, dict, str, str]:
     """(population of A base copies on the mesh, cfg, tokenizer, hf_config,
@@ -542,6 +563,8 @@ class Run:
     return out
 
   def _publish(self) -> None:
+    if not distributed.is_primary():
+      return
     records = self.records()
     _write_jsonl(os.path.join(self.workdir, "metrics.jsonl"), records)
     from maft_jax import report
@@ -556,7 +579,7 @@ class Run:
     d = self._run_debate(pop, problems, rounds=p.rounds, options=p.debate_options,
                          seed=stage_seed(p.seed, k, "debate"))
     out = stage.begin()
-    _save_debate(os.path.join(out, "debate.json"), problems, d)
+    stage.write(lambda: _save_debate(os.path.join(out, "debate.json"), problems, d))
     stage.commit({"problems": len(problems), "responses": sum(len(s) for r in d.texts for s in r),
                   "seconds": time.perf_counter() - t0})
 
@@ -578,7 +601,7 @@ class Run:
                            score=lambda r: self._row_nll(pop, r))
     out = stage.begin()
     for a, agent_rows in enumerate(rows):
-      _write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), agent_rows)
+      stage.write(lambda a=a, r=agent_rows: _write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), r))
     summary["seconds"] = time.perf_counter() - t0
     stage.commit(summary)
 
@@ -612,15 +635,15 @@ class Run:
     stage.commit({"examples": result.examples, "steps": result.steps,
                   "final_loss": result.final_loss, "tokens": result.tokens,
                   "seconds": result.seconds})
-    shutil.rmtree(os.path.join(self.workdir, f"iter_{k:02d}", "finetune_state"),
-                  ignore_errors=True)
+    stage.write(lambda: shutil.rmtree(os.path.join(self.workdir, f"iter_{k:02d}",
+                                                   "finetune_state"), ignore_errors=True))
     return params
 
   def _eval(self, k: int, pop: Params, stage: Stage):
     t0 = time.perf_counter()
     result, d, problems = self.evaluate(pop, seed=eval_seed(self.plan.seed))
     out = stage.begin()
-    _save_debate(os.path.join(out, "debate.json"), problems, d)
+    stage.write(lambda: _save_debate(os.path.join(out, "debate.json"), problems, d))
     result["seconds"] = time.perf_counter() - t0
     stage.commit(result)
 
@@ -669,8 +692,8 @@ class Run:
       batch = {key: np.stack([np.stack([r[key] for r in a] + [np.zeros(T, np.int32)] * pad)
                               for a in part]) for key in sft.BATCH_KEYS}
       s, n = scoring.row_nll(pop, batch, cfg=self.cfg, ce_chunk=self.plan.sft.hyper.ce_chunk)
-      sums.append(np.asarray(s)[..., :chunk - pad])
-      counts.append(np.asarray(n)[..., :chunk - pad])
+      sums.append(distributed.to_host(s)[..., :chunk - pad])
+      counts.append(distributed.to_host(n)[..., :chunk - pad])
     return np.concatenate(sums, -1), np.concatenate(counts, -1)
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import checkpoint, data, finetune, lora, population
+from maft_jax import checkpoint, data, distributed, finetune, lora, population
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks.base import require
 
@@ -94,8 +94,13 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer, *, where: Callab
 
 
 def _pipelines(examples, s: Settings, pad_id: int):
+  # Every process reads every row (one shard): the step receives each batch
+  # whole from every process, so a run on several processes trains on exactly
+  # the batches of a one-process run. (MAFT's selected rows are small; the
+  # per-process split of `data.sft_batches` is for corpora that are not.)
   return [data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed * 1000 + a,
-                           pad_id=pad_id, pack=s.pack, num_epochs=s.epochs) if ex else None
+                           pad_id=pad_id, pack=s.pack, num_epochs=s.epochs, shard_index=0,
+                           shard_count=1) if ex else None
           for a, ex in enumerate(examples)]
 
 
@@ -182,13 +187,16 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   try:
     for step in range(start, num_steps):
       micro = [[next_micro(it) for _ in range(s.grad_accum)] for it in its]
-      batch = {k: jnp.asarray(np.stack([np.stack([m[k] for m in agent]) for agent in micro]))
+      # Host arrays (not committed to one device): with several processes the
+      # step places them on the global mesh, each process holding the same rows.
+      batch = {k: np.stack([np.stack([m[k] for m in agent]) for agent in micro])
                for k in BATCH_KEYS}
       state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
                                            lora_scale=scale, spmd_axis_name=spmd_axis_name)
+      metrics = {k: distributed.to_host(v) for k, v in metrics.items()}
       finetune.check_finite(metrics, step)
-      tokens_done += int(np.asarray(metrics["tokens"]).sum())
-      loss, updated = np.asarray(metrics["loss"]), np.asarray(metrics["updated"])
+      tokens_done += int(metrics["tokens"].sum())
+      loss, updated = metrics["loss"], metrics["updated"]
       for a in range(A):
         if updated[a]:
           last_loss[a] = float(loss[a])
@@ -214,6 +222,6 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
     sys.stderr.write("\n")
   params = state["params"] if s.lora is None else lora.merge_population(base, state["params"],
                                                                           s.lora)
-  return Result(params=params, steps=np.asarray(state["step"]).tolist(),
+  return Result(params=params, steps=distributed.to_host(state["step"]).tolist(),
                 examples=[len(e) for e in examples], final_loss=last_loss, tokens=tokens_done,
                 seconds=time.perf_counter() - t0)

@@ -104,13 +104,13 @@ def test_train_step_on_meshes_matches_one_device(pop):
                  got["params"], expected["params"])
 
 
-def _same_update(x, y, where):
+def _same_update(x, y, where, lr=H.learning_rate):
   """Equal parameters after one Adam step, to fp32 reduction order. Adam's
   first step is ~lr * g / (|g| + eps): where a gradient is about eps, a
   last-bit difference in g moves the update by a visible fraction of lr, so
   a few such elements may differ by up to 5% of lr; the rest agree to 1e-6."""
   diff = np.abs(x - y)
-  assert diff.max() <= 0.05 * H.learning_rate, (where, diff.max())
+  assert diff.max() <= 0.05 * lr, (where, diff.max())
   assert np.mean(diff > 1e-6) < 1e-3, (where, np.mean(diff > 1e-6))
 
 
@@ -141,3 +141,84 @@ def test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh(tmp_path):
   assert "parameters (f32 master)      3.01" in pod.stdout   # 192.73 / 64
   assert "-> fits" in pod.stdout and "temporaries          -" not in pod.stdout
   assert not (tmp_path / "run").exists()
+
+
+def _floats_close(a, b, path=""):
+  """Equal JSON values, floats to 1e-5 relative (collectives may sum in another order)."""
+  if isinstance(a, dict):
+    assert a.keys() == b.keys(), path
+    for k in a:
+      _floats_close(a[k], b[k], f"{path}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _floats_close(x, y, f"{path}[{i}]")
+  elif isinstance(a, float):
+    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
+  else:
+    assert a == b, (path, a, b)
+
+
+def test_two_processes_run_one_iteration_like_one_process(tmp_path):
+  """Two real processes on localhost (4 fake CPU devices each, one global
+  mesh of 8) run one MAFT iteration of the smoke config; their records equal
+  a single-process 8-device run's, and the checkpoint they wrote restores in
+  this one process."""
+  import json
+  import os
+  import shutil
+  import socket
+  import subprocess
+  import sys
+
+  from maft_jax import checkpoint
+  from tests.conftest import FAST_COMPILE
+  args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--noprogress",
+          "--noreport"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  cli.run("train", *args, f"--workdir={one}", devices=8)
+  shutil.copytree(one / "demo_base", two / "demo_base")  # the same base, not rebuilt
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=cli.ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=FAST_COMPILE + " --xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "launch.train", *args, f"--workdir={two}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=cli.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+
+  def records(work):
+    with open(work / "metrics.jsonl") as f:
+      return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+  _floats_close(records(two), records(one))
+  for name in ("debate", "eval"):
+    a = json.loads((one / "iter_01" / name / "debate.json").read_text())
+    b = json.loads((two / "iter_01" / name / "debate.json").read_text())
+    assert a == b, name  # the same transcripts, token for token
+
+  mesh = sharding.make_mesh((1, 1, 8, 1))
+  pops = [checkpoint.load_population(str(w / "iter_01" / "finetune" / "population"),
+                                     mesh=mesh)[0] for w in (one, two)]
+  lr = 3e-4  # configs/demo.py's finetune.learning_rate
+  jax.tree.map(lambda x, y: _same_update(np.asarray(x), np.asarray(y), "checkpoint", lr), *pops)
+
+
+def test_distributed_flags_are_checked_before_joining():
+  from maft_jax import distributed
+  with pytest.raises(ValueError, match="give all of --coordinator_address"):
+    distributed.initialize("localhost:1234", None, 0)
+  with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+    distributed.initialize("localhost:1234", 2, 2)
+  distributed.initialize("localhost:1234", 1, 0)  # one process: nothing to join
+  assert jax.process_count() == 1 and distributed.is_primary()
+  x = np.arange(4.0)
+  np.testing.assert_array_equal(distributed.to_host(jnp.asarray(x)), x)

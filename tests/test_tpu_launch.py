@@ -31,7 +31,7 @@ def test_dry_run_prints_every_command_in_order():
                     ".venv/bin/pip install -q 'jax[tpu]' -r requirements.txt"),
       f"gcloud compute tpus tpu-vm ssh maft-v5p {where} --worker=all "
       + shlex.quote(f"--command=cd ~/maft_jax && nohup .venv/bin/python -m launch.train {TRAIN} "
-                    "> train.log 2>&1 < /dev/null &"),
+                    "--coordinator_address=auto > train.log 2>&1 < /dev/null &"),
       f"gcloud compute tpus tpu-vm ssh maft-v5p {where} --worker=0 "
       + shlex.quote("--command=tail -n +1 -F ~/maft_jax/train.log"),
       f"gcloud compute tpus tpu-vm delete maft-v5p {where} --quiet",

@@ -18,7 +18,8 @@ the sequence, and its command line is printed so it can be rerun by hand.
 - `install`: a venv on every worker with `jax[tpu]` and the requirements.
 - `train`: `launch.train` on all workers at once (`--worker=all`), detached,
   output in `~/maft_jax/train.log` on each worker. On a TPU slice every worker
-  is one JAX process; `jax.distributed.initialize()` finds the others itself.
+  is one JAX process; `--coordinator_address=auto` lets
+  `jax.distributed.initialize()` find the others.
 - `logs`: follows worker 0's log (Ctrl-C stops following, not training).
 - `delete`: the slice (`--quiet`: no prompt).
 
@@ -82,7 +83,7 @@ def commands(step: str, *, name: str, zone: str, project: str | None = None,
   if step == "train":
     return [_ssh(name, zone, project, "all",
                  f"cd {REMOTE_DIR} && nohup .venv/bin/python -m launch.train {train_args} "
-                 "> train.log 2>&1 < /dev/null &")]
+                 "--coordinator_address=auto > train.log 2>&1 < /dev/null &")]
   if step == "logs":
     return [_ssh(name, zone, project, "0", f"tail -n +1 -F {REMOTE_DIR}/train.log")]
   if step == "delete":

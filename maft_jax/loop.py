@@ -19,7 +19,7 @@ A run is a sequence of stages, each a pure function of the stages before it:
             (distinct answers, n-gram overlap, cross-agent NLL matrix).
 
 Workdir. `config.json` (the resolved config; a rerun must match it, except
-`iterations` and `name`, which may grow or change), `iter_KK/STAGE/` per
+`iterations`, `name` and `mesh`, which may grow or change), `iter_KK/STAGE/` per
 finished stage (written as `STAGE.partial/` and renamed when complete, so a
 directory that exists is a finished stage), `iter_KK/finetune_state/`
 (training checkpoints while a finetune stage runs), `metrics.jsonl` (one
@@ -27,6 +27,8 @@ object per finished stage, rewritten from the stage summaries, so it never
 holds duplicates) and `tb/` (TensorBoard events, rewritten likewise). A run
 killed anywhere resumes at the stage in flight (mid-finetune: at its last
 training checkpoint) and ends with the same result as an uninterrupted run.
+With several processes (`distributed`), every process runs every stage on
+the same inputs over one global mesh; process 0 writes the workdir.
 
 Randomness is derived, never carried: every stage draws from
 `stage_seed(seed, iteration, stage)`; inside it, samplers fold in the agent,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from maft_jax import distributed, sampling
+from maft_jax import distributed, sampling, sharding
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import answers
 
@@ -92,8 +92,8 @@ class Generator:
 
   def __init__(self, cfg: ModelConfig, tokenizer, *, pad_id: int | None = None,
                progress: bool = True, log: Callable[[str], None] = logging.info,
-               spmd_axis_name: str | None = None):
-    self.cfg, self.tok, self.spmd_axis_name = cfg, tokenizer, spmd_axis_name
+               spmd_axis_name: str | None = None, mesh=None):
+    self.cfg, self.tok, self.spmd_axis_name, self.mesh = cfg, tokenizer, spmd_axis_name, mesh
     self.pad_id = pad_id if pad_id is not None else (
         tokenizer.pad_id if tokenizer.pad_id is not None else
         (tokenizer.eos_ids[0] if tokenizer.eos_ids else 0))
@@ -151,6 +151,8 @@ class Generator:
         self.shapes.add(shape)
         self.log(f"sampler: compiling for agents={A} batch={B} prompt_len={T} "
                  f"samples={S} new_tokens={N} ({len(self.shapes)} shape(s) so far)")
+      axes = ("agent", "batch", "length") if per_agent else ("batch", "length")
+      tokens, mask = (sharding.host_to_global(x, axes, self.mesh) for x in (tokens, mask))
       res = sampling.sample(pop, tokens, mask, key, cfg=self.cfg, method=options.method,
                             max_new_tokens=N, stop_ids=stop_ids, pad_id=self.pad_id,
                             num_samples=S, row_ids=row_ids,

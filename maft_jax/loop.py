@@ -442,7 +442,7 @@ class Run:
     the base population."""
     pop, self.cfg, self.tok, self.hf_config, self.source_dtype, self.tok_dir = self.load_base()
     self.gen = generation.Generator(self.cfg, self.tok, progress=self.progress, log=self.log,
-                                    spmd_axis_name=AGENT_AXIS)
+                                    spmd_axis_name=AGENT_AXIS, mesh=self.mesh)
     self.pad_id = self.gen.pad_id
     return pop
 
@@ -626,7 +626,7 @@ class Run:
     result = sft.run(pop, examples, cfg=self.cfg, settings=settings, pad_id=self.pad_id,
                      workdir=os.path.join(self.workdir, f"iter_{k:02d}", "finetune_state"),
                      run_id={"iteration": k}, progress=self.progress, log=self.log,
-                     spmd_axis_name=AGENT_AXIS)
+                     spmd_axis_name=AGENT_AXIS, mesh=self.mesh)
     params = result.params
     if p.shared:
       params = population.replicate(population.select(params, 0), p.num_agents)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import checkpoint, data, distributed, finetune, lora, population
+from maft_jax import checkpoint, data, distributed, finetune, lora, population, sharding
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks.base import require
 
@@ -121,13 +121,14 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
         settings: Settings, pad_id: int, workdir: str | None = None,
         run_id: Mapping[str, Any] | None = None, progress: bool = True,
         log: Callable[[str], None] = logging.info,
-        spmd_axis_name: str | None = None) -> Result:
+        spmd_axis_name: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Result:
   """Train agent a on examples[a]; see the module docstring. `pop` is donated.
 
   `run_id`: what else a resumed run must share with the saved one (e.g. the
   data files), checked together with the settings and step counts.
   `spmd_axis_name`: the mesh axis the agent axis is split over (that mesh
-  current), as in `finetune.train_step`.
+  current), as in `finetune.train_step`. `mesh`: place each batch on it by
+  the rule table, every device receiving only its rows.
   """
   s = settings
   A = population.num_agents(pop)
@@ -187,10 +188,10 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   try:
     for step in range(start, num_steps):
       micro = [[next_micro(it) for _ in range(s.grad_accum)] for it in its]
-      # Host arrays (not committed to one device): with several processes the
-      # step places them on the global mesh, each process holding the same rows.
-      batch = {k: np.stack([np.stack([m[k] for m in agent]) for agent in micro])
-               for k in BATCH_KEYS}
+      # Every process holds the whole batch; each device gets only its rows.
+      batch = {k: sharding.host_to_global(
+          np.stack([np.stack([m[k] for m in agent]) for agent in micro]),
+          ("agent", None, "batch", "length"), mesh) for k in BATCH_KEYS}
       state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
                                            lora_scale=scale, spmd_axis_name=spmd_axis_name)
       metrics = {k: distributed.to_host(v) for k, v in metrics.items()}

@@ -158,6 +158,17 @@ def constrain_state(state, param_axes_tree, rules=DEFAULT_RULES):
   return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
+def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+  """A host array that every process holds whole, placed by the rule table
+  for its logical `axes`: each device receives only its own slice (a process
+  never sends rows to devices it does not own, nor a batch to every device).
+  Without a mesh, the array as is (jit places it)."""
+  if mesh is None:
+    return x
+  spec = logical_to_spec(axes, x.shape, mesh)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+
+
 def use_mesh(mesh: Mesh):
   """Context that makes `mesh` current (needed by vmap's spmd_axis_name)."""
   if hasattr(jax, "set_mesh"):

@@ -96,6 +96,11 @@ class DemoSettings:
   seed: int = 2                 # model init and data order (see the module docstring)
 
   @classmethod
+  def preset(cls, name: str) -> "DemoSettings":
+    """`config.model.demo_preset`: 'full' (the demo) or 'smoke' (tests)."""
+    return cls.smoke() if name == "smoke" else cls()
+
+  @classmethod
   def smoke(cls) -> "DemoSettings":
     """Tiny everything, for tests: seconds to build, accuracy irrelevant."""
     return cls(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,

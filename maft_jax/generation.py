@@ -60,7 +60,7 @@ def bucket_length(n: int, min_bucket: int) -> int:
   at most a third of a row is padding, with two compiled shapes per octave."""
   b = min_bucket
   while b < n:
-    if b * 3 // 2 >= n and (b * 3) % 2 == 0 and b > min_bucket:
+    if b > min_bucket and b * 3 // 2 >= n:  # b = min_bucket * 2^k, k >= 1: even
       return b * 3 // 2
     b *= 2
   return b

@@ -365,8 +365,8 @@ def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
 class Stage:
   """A stage's output directory, written whole or not at all. With several
   processes the primary writes it (`begin` and `commit` end with a barrier, so
-  every process then sees the same directory); files inside are written with
-  `Stage.write` (primary only) or collectively (checkpoints)."""
+  every process then sees the same directory); files inside are written by
+  the primary alone, or collectively (checkpoints)."""
 
   def __init__(self, workdir: str, iteration: int, name: str):
     self.dir = os.path.join(workdir, f"iter_{iteration:02d}", name)
@@ -382,12 +382,6 @@ class Stage:
       os.makedirs(self.partial)
     distributed.barrier(f"begin {self.dir}")
     return self.partial
-
-  @staticmethod
-  def write(fn: Callable[[], None]) -> None:
-    """Run a file write on the primary process only."""
-    if distributed.is_primary():
-      fn()
 
   def commit(self, summary: Mapping[str, Any]) -> None:
     if distributed.is_primary():
@@ -465,9 +459,9 @@ class Run:
     if p.model_source != "demo":
       return p.model_source, p.model_path
     from maft_jax import demo
-    settings = demo.DemoSettings.smoke() if p.demo_preset == "smoke" else demo.DemoSettings()
     build = lambda: demo.build_base(  # noqa: E731
-        os.path.join(self.workdir, "demo_base"), settings, task_options=p.task_options,
+        os.path.join(self.workdir, "demo_base"), demo.DemoSettings.preset(p.demo_preset),
+        task_options=p.task_options,
         log=self.log, progress=self.progress)
     path = build() if distributed.is_primary() else None
     distributed.barrier("demo_base")
@@ -581,7 +575,8 @@ class Run:
     d = self._run_debate(pop, problems, rounds=p.rounds, options=p.debate_options,
                          seed=stage_seed(p.seed, k, "debate"))
     out = stage.begin()
-    stage.write(lambda: _save_debate(os.path.join(out, "debate.json"), problems, d))
+    if distributed.is_primary():
+      _save_debate(os.path.join(out, "debate.json"), problems, d)
     stage.commit({"problems": len(problems), "responses": sum(len(s) for r in d.texts for s in r),
                   "seconds": time.perf_counter() - t0})
 
@@ -602,8 +597,9 @@ class Run:
                            key=jax.random.key(stage_seed(p.seed, k, "select")),
                            score=lambda r: self._row_nll(pop, r))
     out = stage.begin()
-    for a, agent_rows in enumerate(rows):
-      stage.write(lambda a=a, r=agent_rows: _write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), r))
+    if distributed.is_primary():
+      for a, agent_rows in enumerate(rows):
+        _write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), agent_rows)
     summary["seconds"] = time.perf_counter() - t0
     stage.commit(summary)
 
@@ -637,15 +633,17 @@ class Run:
     stage.commit({"examples": result.examples, "steps": result.steps,
                   "final_loss": result.final_loss, "tokens": result.tokens,
                   "seconds": result.seconds})
-    stage.write(lambda: shutil.rmtree(os.path.join(self.workdir, f"iter_{k:02d}",
-                                                   "finetune_state"), ignore_errors=True))
+    if distributed.is_primary():
+      shutil.rmtree(os.path.join(self.workdir, f"iter_{k:02d}", "finetune_state"),
+                    ignore_errors=True)
     return params
 
   def _eval(self, k: int, pop: Params, stage: Stage):
     t0 = time.perf_counter()
     result, d, problems = self.evaluate(pop, seed=eval_seed(self.plan.seed))
     out = stage.begin()
-    stage.write(lambda: _save_debate(os.path.join(out, "debate.json"), problems, d))
+    if distributed.is_primary():
+      _save_debate(os.path.join(out, "debate.json"), problems, d)
     result["seconds"] = time.perf_counter() - t0
     stage.commit(result)
 
@@ -662,13 +660,13 @@ class Run:
     result["problems"] = len(problems)
     if p.cross_nll:
       # Authors: generators' round-1 responses, critics' last-round responses.
-      N, K = p.generators, p.nll_problems or len(problems)
+      N, K = p.generators, min(p.nll_problems or len(problems), len(problems))
       responses = [(0, n) for n in range(N)] + [(-1, n) for n in range(N) if p.critics]
-      rows = [[(d.messages[r][n][b], d.texts[r][n][b]) for b in range(min(K, len(problems)))]
+      rows = [[(d.messages[r][n][b], d.texts[r][n][b]) for b in range(K)]
               for r, n in responses]
       sums, counts = self._row_nll(pop, rows)
       result["cross_nll"] = (sums.sum(-1) / np.maximum(counts.sum(-1), 1)).tolist()
-      result["cross_nll_problems"] = len(rows[0])
+      result["cross_nll_problems"] = K
     return result, d, problems
 
   def _row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -711,7 +709,7 @@ def model_config(plan: Plan) -> ModelConfig:
                               param_dtype="float32")
   else:  # demo: the vocabulary is at most the BPE target, rounded as the build rounds it
     from maft_jax import demo
-    s = demo.DemoSettings.smoke() if plan.demo_preset == "smoke" else demo.DemoSettings()
+    s = demo.DemoSettings.preset(plan.demo_preset)
     cfg = hf.config_from_hf(demo.hf_config(s, s.vocab_size, {demo.PAD: 0, demo.BOS: 1,
                                                               demo.EOS: 2}),
                             dtype=plan.dtype, param_dtype="float32")

@@ -1,15 +1,25 @@
 """Scale-out on 8 fake CPU devices: a population sampling call and a train
 step on meshes that split agents, data, FSDP and tensor dimensions give the
-results of one device, and the rule table decides where every array lives."""
+results of one device, and the rule table decides where every array lives;
+the memory plan; several processes as one program."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import data, finetune, model, population, sampling, sharding
+from maft_jax import (checkpoint, data, distributed, finetune, model, population, presets,
+                      sampling, sharding)
 from maft_jax.sharding import PartitionSpec as P
 from tests import cli
+from tests.conftest import FAST_COMPILE
 
 CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -117,9 +127,6 @@ def _same_update(x, y, where, lr=H.learning_rate):
 def test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh(tmp_path):
   """A full-size paper config (Llama-3-8B, 3 generators + 3 critics), planned
   from its config.json alone: no weights exist, nothing is written."""
-  import json
-
-  from maft_jax import presets
   model_dir = tmp_path / "llama3"
   model_dir.mkdir()
   (model_dir / "config.json").write_text(json.dumps(presets.hf_config("llama-3-8b")))
@@ -164,15 +171,6 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   mesh of 8) run one MAFT iteration of the smoke config; their records equal
   a single-process 8-device run's, and the checkpoint they wrote restores in
   this one process."""
-  import json
-  import os
-  import shutil
-  import socket
-  import subprocess
-  import sys
-
-  from maft_jax import checkpoint
-  from tests.conftest import FAST_COMPILE
   args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--noprogress",
           "--noreport"]
   one, two = tmp_path / "one", tmp_path / "two"
@@ -213,7 +211,6 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
 
 
 def test_distributed_flags_are_checked_before_joining():
-  from maft_jax import distributed
   with pytest.raises(ValueError, match="give all of --coordinator_address"):
     distributed.initialize("localhost:1234", None, 0)
   with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):

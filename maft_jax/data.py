@@ -15,20 +15,29 @@ same in every process, run, machine and NumPy version. (grain's
 per permutation however small, and 14 us per record, in grain 0.2.18.)
 
 **Sharding.** The epoch's permutation is cut into *rows* (a problem is one
-row; in SFT a row is one packed sequence of examples), and process `k` of `S`
-takes rows `k, k+S, k+2S, ...`: shards are disjoint and together cover every
-record exactly once per epoch. Every shard yields the same number of batches
-per epoch (a multi-host step must not wait for a host that has run out):
-shards with fewer rows are padded with invalid rows (`valid` False; empty SFT
-rows, all padding) or, with `drop_remainder`, every shard stops at the
-smallest shard's last full batch.
+row; in SFT a row is one packed sequence of examples), and batch `j` of the
+global stream holds rows `j*G ... j*G + G - 1` (`G` the global batch size).
+A pipeline yields one contiguous *slot range* of every global batch: process
+`k` of `S` (`shard_index`, `shard_count`, `batch_size` rows each, so
+`G = S * batch_size`) takes slots `k*batch_size ... (k+1)*batch_size - 1`;
+or `slots=(lo, hi)` with `batch_size=G` takes slots `lo ... hi - 1` (the rows
+that the devices of one process hold; see `sft.run`). Slot ranges are
+disjoint and together cover every record exactly once per epoch, every range
+yields the same number of batches, and the batches that the ranges of any
+partition of `0 ... G` yield, concatenated, are the batches of the one
+pipeline that yields all `G` slots: how many processes share the stream
+changes no batch. Slots past the epoch's last row are padding (`valid`
+False; empty SFT rows, all padding), or with `drop_remainder` the epoch
+stops at its last full global batch.
 
 **State.** `it.get_state()` is a JSON-serialisable dict: the epoch, grain's
-own iterator state within that epoch, and a fingerprint of the pipeline.
+own iterator state within that epoch, and a fingerprint of the global stream.
 Rebuilding the pipeline with the same arguments and calling
 `it.set_state(state)` resumes at exactly the next batch; a state saved by a
-different pipeline (another seed, batch size, shard, data ...) is refused with
-an error that names the field. `save_state` / `load_state` write and read it
+different stream (another seed, global batch size, data ...) is refused with
+an error that names the field. The slot range is not part of the stream: a
+state saved by one shard resumes any other shard (or the whole batch) at the
+same global batch, so a run can resume on another number of processes. `save_state` / `load_state` write and read it
 as JSON (atomic replace). The number of epochs is not part of the fingerprint,
 so a finished run can be extended.
 
@@ -153,18 +162,33 @@ def pack_rows(order: Sequence[int], lengths: Sequence[int], seq_len: int, *,
   return [tuple(r) for r in rows]
 
 
-def shard_layout(num_rows: int, shard_index: int, shard_count: int, batch_size: int,
-                 drop_remainder: bool) -> tuple[range, int]:
-  """(this shard's global row ids, batches per epoch), equal batches on all shards.
+def resolve_slots(batch_size: int, shard_index: int | None, shard_count: int | None,
+                  slots: tuple[int, int] | None) -> tuple[int, int, int]:
+  """(global batch size, lo, hi): the slot range of every global batch that a
+  pipeline yields (see the module docstring)."""
+  batch_size = _check_int("batch_size", batch_size, minimum=1)
+  if slots is None:
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    lo = shard_index * batch_size
+    return shard_count * batch_size, lo, lo + batch_size
+  if shard_index is not None or shard_count is not None:
+    raise DataError(f"slots={slots!r} with shard_index={shard_index!r}, "
+                    f"shard_count={shard_count!r}: give slots or a shard, not both")
+  if (not isinstance(slots, (tuple, list)) or len(slots) != 2
+      or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in slots)
+      or not 0 <= slots[0] <= slots[1] <= batch_size):
+    raise DataError(f"slots={slots!r}: expected (lo, hi) with 0 <= lo <= hi <= "
+                    f"batch_size={batch_size}")
+  return batch_size, int(slots[0]), int(slots[1])
 
-  Row ids are `shard_index, shard_index + shard_count, ...`; the caller pads
-  the slots past the end of that range with invalid rows.
-  """
-  mine = range(shard_index, num_rows, shard_count)
-  if drop_remainder:
-    num_batches = (num_rows // shard_count) // batch_size
-    return mine[:num_batches * batch_size], num_batches
-  return mine, math.ceil(math.ceil(num_rows / shard_count) / batch_size)
+
+def num_global_batches(num_rows: int, global_batch: int, drop_remainder: bool) -> int:
+  return num_rows // global_batch if drop_remainder else math.ceil(num_rows / global_batch)
+
+
+def batch_rows(b: int, num_rows: int, global_batch: int, lo: int, hi: int) -> range:
+  """The global row ids in slots lo..hi-1 of batch `b` (fewer at the epoch's end)."""
+  return range(min(b * global_batch + lo, num_rows), min(b * global_batch + hi, num_rows))
 
 
 def _digest(chunks: Iterator[bytes]) -> str:
@@ -222,6 +246,13 @@ class DataIterator:
   @property
   def num_epochs(self) -> int | None:
     return self._num_epochs
+
+  def num_batches(self) -> int | None:
+    """Batches in all epochs, from the start (None when it repeats forever).
+    Counts without building a batch (SFT packs each epoch again: cheap)."""
+    if self._num_epochs is None:
+      return None
+    return sum(len(self._build_epoch(e)) for e in range(self._num_epochs))
 
   def __iter__(self) -> DataIterator:
     return self
@@ -321,53 +352,51 @@ def load_state(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- problems
 
 
-def _problem_batch(b: int, *, rows: range, order: np.ndarray, records: Sequence[Any],
-                   batch_size: int, epoch: int) -> Batch:
-  slots = rows[b * batch_size:(b + 1) * batch_size]
-  indices = np.full((batch_size,), -1, dtype=np.int64)
-  indices[:len(slots)] = order[list(slots)]
+def _problem_batch(rows: range, *, order: np.ndarray, records: Sequence[Any], size: int,
+                   epoch: int) -> Batch:
+  indices = np.full((size,), -1, dtype=np.int64)
+  indices[:len(rows)] = order[rows.start:rows.stop]
   valid = indices >= 0
-  filler = records[indices[0]] if len(slots) else records[0]
+  filler = records[indices[0]] if len(rows) else records[0]
   batch_records = [records[i] if i >= 0 else filler for i in indices]
   return Batch(records=batch_records, valid=valid, indices=indices, epoch=epoch)
 
 
 def problem_batches(records: Sequence[Any], *, batch_size: int, seed: int,
                     epoch_shuffle: bool = True, shard_index: int | None = None,
-                    shard_count: int | None = None, num_epochs: int | None = 1,
-                    drop_remainder: bool = False,
+                    shard_count: int | None = None, slots: tuple[int, int] | None = None,
+                    num_epochs: int | None = 1, drop_remainder: bool = False,
                     read_options: grain.ReadOptions | None = None) -> DataIterator:
-  """`Batch`es of `batch_size` records: this shard's part of each epoch, in order.
+  """`Batch`es of this shard's records (`batch_size` of them, or `hi - lo`
+  with `slots`), epoch after epoch; see the module docstring for shards and
+  slots. Shards default to the jax process.
 
   The last batch of an epoch is padded (`valid` False) unless `drop_remainder`.
-  `num_epochs=None` repeats forever. Shards default to the jax process.
+  `num_epochs=None` repeats forever.
   """
   records = list(records)
   if not records:
     raise DataError("problem_batches: records is empty")
-  batch_size = _check_int("batch_size", batch_size, minimum=1)
+  G, lo, hi = resolve_slots(batch_size, shard_index, shard_count, slots)
   seed = _check_int("seed", seed, minimum=0)
   if num_epochs is not None:
     num_epochs = _check_int("num_epochs", num_epochs, minimum=1)
-  shard_index, shard_count = resolve_shard(shard_index, shard_count)
   n = len(records)
-  rows, num_batches = shard_layout(n, shard_index, shard_count, batch_size, drop_remainder)
+  num_batches = num_global_batches(n, G, drop_remainder)
   if num_batches == 0:
-    raise DataError(f"drop_remainder with {n} records over {shard_count} shards leaves "
-                    f"{n // shard_count} per shard, fewer than batch_size={batch_size}")
+    raise DataError(f"drop_remainder with {n} records leaves no full global batch of {G}")
 
   def build_epoch(epoch: int) -> grain.MapDataset:
     order = epoch_order(n, seed=seed, epoch=epoch, shuffle=epoch_shuffle)
 
     def make(b: int) -> Batch:
-      return _problem_batch(b, rows=rows, order=order, records=records,
-                            batch_size=batch_size, epoch=epoch)
+      return _problem_batch(batch_rows(b, n, G, lo, hi), order=order, records=records,
+                            size=hi - lo, epoch=epoch)
     return grain.MapDataset.range(num_batches).map(make)
 
   fingerprint = {"kind": "problem_batches", "num_records": n,
-                 "records_digest": _records_digest(records), "batch_size": batch_size,
+                 "records_digest": _records_digest(records), "global_batch_size": G,
                  "seed": seed, "epoch_shuffle": bool(epoch_shuffle),
-                 "shard_index": shard_index, "shard_count": shard_count,
                  "drop_remainder": bool(drop_remainder)}
   return DataIterator(fingerprint=fingerprint, num_epochs=num_epochs,
                       build_epoch=build_epoch, read_options=read_options)
@@ -443,20 +472,24 @@ def _sft_batch(rows: Sequence[tuple[int, ...]], *, examples: Sequence[_Example],
 def sft_batches(examples: Sequence[Mapping[str, Any]], *, batch_size: int, seq_len: int,
                 seed: int, pad_id: int, pack: bool = True, pack_window: int = 8,
                 epoch_shuffle: bool = True, shard_index: int | None = None,
-                shard_count: int | None = None, num_epochs: int | None = 1,
-                drop_remainder: bool = False, overlong: str = "truncate_prompt",
+                shard_count: int | None = None, slots: tuple[int, int] | None = None,
+                num_epochs: int | None = 1, drop_remainder: bool = False,
+                overlong: str = "truncate_prompt",
                 read_options: grain.ReadOptions | None = None) -> DataIterator:
-  """Dicts of int32[batch_size, seq_len] arrays (see the module docstring).
+  """Dicts of int32[rows, seq_len] arrays, `rows` = `batch_size` (or `hi - lo`
+  with `slots`); see the module docstring.
 
-  Rows beyond this shard's last packed row are all padding (segment 0, loss 0)
-  unless `drop_remainder`. The number of batches per epoch can change from
-  epoch to epoch when packing (the order changes), but is the same on every
-  shard.
+  Every process packs the whole epoch (it needs only the examples' lengths,
+  and all must agree on the rows), but builds the arrays of its own slots
+  only. Slots past the epoch's last packed row are all padding (segment 0,
+  loss 0) unless `drop_remainder`. The number of batches per epoch can change
+  from epoch to epoch when packing (the order changes), but is the same for
+  every slot range.
   """
   examples = list(examples)
   if not examples:
     raise DataError("sft_batches: examples is empty")
-  batch_size = _check_int("batch_size", batch_size, minimum=1)
+  G, lo, hi = resolve_slots(batch_size, shard_index, shard_count, slots)
   seq_len = _check_int("seq_len", seq_len, minimum=1)
   seed = _check_int("seed", seed, minimum=0)
   pack_window = _check_int("pack_window", pack_window, minimum=1)
@@ -467,7 +500,6 @@ def sft_batches(examples: Sequence[Mapping[str, Any]], *, batch_size: int, seq_l
     raise DataError(f"overlong={overlong!r}; choose one of {OVERLONG_POLICIES}")
   if num_epochs is not None:
     num_epochs = _check_int("num_epochs", num_epochs, minimum=1)
-  shard_index, shard_count = resolve_shard(shard_index, shard_count)
   prepared = [prepare_example(i, ex, seq_len=seq_len, overlong=overlong)
               for i, ex in enumerate(examples)]
   lengths = np.array([ex.tokens.size for ex in prepared], dtype=np.int64)
@@ -479,26 +511,23 @@ def sft_batches(examples: Sequence[Mapping[str, Any]], *, batch_size: int, seq_l
       rows = pack_rows(order, lengths, seq_len, window=pack_window)
     else:
       rows = [(int(i),) for i in order]
-    mine, num_batches = shard_layout(len(rows), shard_index, shard_count, batch_size,
-                                     drop_remainder)
+    num_batches = num_global_batches(len(rows), G, drop_remainder)
     if num_batches == 0:
-      raise DataError(f"epoch {epoch}: drop_remainder with {len(rows)} rows over "
-                      f"{shard_count} shards leaves fewer than batch_size={batch_size} "
-                      "per shard")
-    my_rows = [rows[j] for j in mine]
+      raise DataError(f"epoch {epoch}: drop_remainder with {len(rows)} rows leaves no "
+                      f"full global batch of {G}")
 
     def make(b: int) -> dict[str, np.ndarray]:
-      return _sft_batch(my_rows[b * batch_size:(b + 1) * batch_size], examples=prepared,
-                        batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
+      mine = batch_rows(b, len(rows), G, lo, hi)
+      return _sft_batch([rows[j] for j in mine], examples=prepared, batch_size=hi - lo,
+                        seq_len=seq_len, pad_id=pad_id)
     return grain.MapDataset.range(num_batches).map(make)
 
   digest = _digest(c for ex in prepared
                    for c in (ex.tokens.tobytes(), ex.prompt_len.to_bytes(8, "little")))
   fingerprint = {"kind": "sft_batches", "num_examples": n, "examples_digest": digest,
-                 "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
+                 "global_batch_size": G, "seq_len": seq_len, "seed": seed,
                  "pad_id": int(pad_id), "pack": bool(pack), "pack_window": pack_window,
-                 "epoch_shuffle": bool(epoch_shuffle), "shard_index": shard_index,
-                 "shard_count": shard_count, "drop_remainder": bool(drop_remainder),
+                 "epoch_shuffle": bool(epoch_shuffle), "drop_remainder": bool(drop_remainder),
                  "overlong": overlong}
   return DataIterator(fingerprint=fingerprint, num_epochs=num_epochs,
                       build_epoch=build_epoch, read_options=read_options)

@@ -16,6 +16,7 @@ and train per-agent adapters, merged into full weights in the result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -32,6 +33,7 @@ from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks.base import require
 
 BATCH_KEYS = ("tokens_BxT", "loss_mask_BxT", "segment_ids_BxT", "positions_BxT")
+BATCH_AXES = ("agent", None, "batch", "length")  # of a step's [A, grad_accum, batch, T] arrays
 
 
 class ResumeError(ValueError):
@@ -93,15 +95,16 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer, *, where: Callab
   return examples
 
 
-def _pipelines(examples, s: Settings, pad_id: int):
-  # Every process reads every row (one shard): the step receives each batch
-  # whole from every process, so a run on several processes trains on exactly
-  # the batches of a one-process run. (MAFT's selected rows are small; the
-  # per-process split of `data.sft_batches` is for corpora that are not.)
-  return [data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed * 1000 + a,
-                           pad_id=pad_id, pack=s.pack, num_epochs=s.epochs, shard_index=0,
-                           shard_count=1) if ex else None
-          for a, ex in enumerate(examples)]
+def _pipelines(examples, s: Settings, pad_id: int, spans: Sequence[tuple[int, int]]):
+  # Agent a's pipeline builds only rows spans[a] of each of its batches: those
+  # its process's devices hold (all of them in one process). The batches are
+  # slot ranges of one global stream (see `data`), so a run on several
+  # processes trains on exactly the batches of a one-process run, and its
+  # iterator states resume on any process count.
+  return [data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len,
+                           seed=s.seed * 1000 + a, pad_id=pad_id, pack=s.pack,
+                           num_epochs=s.epochs, slots=span) if ex else None
+          for a, (ex, span) in enumerate(zip(examples, spans))]
 
 
 def _identical_agents(pop: Params) -> bool:
@@ -128,16 +131,23 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   data files), checked together with the settings and step counts.
   `spmd_axis_name`: the mesh axis the agent axis is split over (that mesh
   current), as in `finetune.train_step`. `mesh`: place each batch on it by
-  the rule table, every device receiving only its rows.
+  the rule table; each process builds only the rows its devices hold
+  (`sharding.addressable_spans`), and each device receives only its own.
   """
   s = settings
   A = population.num_agents(pop)
   if len(examples) != A:
     raise ValueError(f"{len(examples)} example lists for a population of {A} agents")
-  counts = [sum(1 for _ in it) if it else 0 for it in _pipelines(examples, s, pad_id)]
+  shape = (A, s.grad_accum, s.batch_size, s.seq_len)
+  spans = sharding.addressable_spans(shape, BATCH_AXES, mesh, per=0, along=2)
+  its = _pipelines(examples, s, pad_id, spans)
+  counts = [it.num_batches() if it else 0 for it in its]
   total_steps = [-(-c // s.grad_accum) for c in counts]
   num_steps = max(total_steps, default=0)
   log(f"examples per agent {[len(e) for e in examples]} -> steps per agent {total_steps}")
+  if any(span != (0, s.batch_size) for span in spans):
+    log(f"process {jax.process_index()} builds rows {[list(span) for span in spans]} of each "
+        f"agent's batches of {s.batch_size}")
   base, trainable = None, pop
   if s.lora is not None:
     if not _identical_agents(pop):
@@ -155,7 +165,6 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   run_config = {"settings": settings_id, "run_id": dict(run_id or {}),
                 "total_steps": [int(t) for t in total_steps]}
   run_config = json.loads(json.dumps(run_config))  # as it reads back from JSON
-  its = _pipelines(examples, s, pad_id)
   start, tokens_done = 0, 0
   last_loss: list[float | None] = [None] * A
   ckpts = checkpoint.TrainCheckpoints(workdir) if workdir else None
@@ -174,24 +183,27 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
         it.set_state(st)
     log(f"resumed from {workdir} at step {start}")
 
-  empty = {k: np.zeros((s.batch_size, s.seq_len), np.int32) for k in BATCH_KEYS}
+  def next_micro(it) -> dict[str, np.ndarray] | None:
+    return None if it is None else next(it, None)
 
-  def next_micro(it):
-    if it is None:
-      return empty
-    try:
-      return next(it)
-    except StopIteration:
-      return empty
+  def fetch(micro, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    # This process's piece of the global batch [A, grad_accum, batch, T]: it
+    # holds rows spans[a] of agent a; a finished agent's rows are padding.
+    agents, accum, rows, length = index
+    out = np.zeros([sl.stop - sl.start for sl in index], np.int32)
+    for i, a in enumerate(range(agents.start, agents.stop)):
+      lo = spans[a][0]
+      for j, m in enumerate(range(accum.start, accum.stop)):
+        if micro[a][m] is not None:
+          out[i, j] = micro[a][m][key][rows.start - lo:rows.stop - lo, length]
+    return out
 
   t0, tokens_before = time.perf_counter(), tokens_done
   try:
     for step in range(start, num_steps):
       micro = [[next_micro(it) for _ in range(s.grad_accum)] for it in its]
-      # Every process holds the whole batch; each device gets only its rows.
-      batch = {k: sharding.host_to_global(
-          np.stack([np.stack([m[k] for m in agent]) for agent in micro]),
-          ("agent", None, "batch", "length"), mesh) for k in BATCH_KEYS}
+      batch = {k: sharding.assemble(shape, BATCH_AXES, mesh, functools.partial(fetch, micro, k))
+               for k in BATCH_KEYS}
       state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
                                            lora_scale=scale, spmd_axis_name=spmd_axis_name)
       metrics = {k: distributed.to_host(v) for k, v in metrics.items()}

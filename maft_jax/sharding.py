@@ -9,7 +9,7 @@ and odd head counts still shard.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -158,15 +158,49 @@ def constrain_state(state, param_axes_tree, rules=DEFAULT_RULES):
   return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
-def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
-  """A host array that every process holds whole, placed by the rule table
-  for its logical `axes`: each device receives only its own slice (a process
-  never sends rows to devices it does not own, nor a batch to every device).
-  Without a mesh, the array as is (jit places it)."""
+def _bounded(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[slice, ...]:
+  return tuple(slice(*sl.indices(d)) for sl, d in zip(index, shape))
+
+
+def assemble(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None,
+             fetch: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array | np.ndarray:
+  """A global array placed by the rule table for its logical `axes`, built
+  from `fetch(index)`: the host values at `index` (one slice per dimension,
+  with explicit bounds and step 1). `fetch` is asked only for the pieces this
+  process's devices hold, so a process needs (and sends) only its own rows.
+  Without a mesh: `fetch` of the whole array, as is (jit places it)."""
+  shape = tuple(shape)
   if mesh is None:
-    return x
-  spec = logical_to_spec(axes, x.shape, mesh)
-  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+    return fetch(tuple(slice(0, d, 1) for d in shape))
+  spec = logical_to_spec(axes, shape, mesh)
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, spec),
+                                      lambda index: fetch(_bounded(index, shape)))
+
+
+def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+  """`assemble` from a host array that every process holds whole: each device
+  receives only its own slice (no process sends rows to devices it does not
+  own, nor a whole batch to every device)."""
+  return assemble(x.shape, axes, mesh, lambda index: x[index])
+
+
+def addressable_spans(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None, *,
+                      per: int, along: int) -> list[tuple[int, int]]:
+  """For each index `i` of dimension `per`, the span (lo, hi) of dimension
+  `along` that this process's devices hold of an array of `shape` placed by
+  the rule table for `axes`; (0, 0) where they hold none of index `i`.
+  E.g. the rows of each agent's batch that a process must build. Without a
+  mesh, everything."""
+  shape = tuple(shape)
+  if mesh is None:
+    return [(0, shape[along])] * shape[per]
+  spec = logical_to_spec(axes, shape, mesh)
+  held: list[list[slice]] = [[] for _ in range(shape[per])]
+  for index in NamedSharding(mesh, spec).addressable_devices_indices_map(shape).values():
+    index = _bounded(index, shape)
+    for i in range(index[per].start, index[per].stop):
+      held[i].append(index[along])
+  return [(min(s.start for s in h), max(s.stop for s in h)) if h else (0, 0) for h in held]
 
 
 def use_mesh(mesh: Mesh):

@@ -228,7 +228,8 @@ def test_state_from_another_pipeline_is_refused(tmp_path):
     other.set_state(state)
   other_shard = data.problem_batches(_problems(10), batch_size=4, seed=1, shard_index=1,
                                      shard_count=2)
-  with pytest.raises(data.DataError, match="shard_count"):
+  with pytest.raises(data.DataError, match="global_batch_size=4; this pipeline has "
+                     "global_batch_size=8"):
     other_shard.set_state(state)
   other_data = data.problem_batches(_problems(11)[1:], batch_size=4, seed=1,
                                     shard_index=0, shard_count=1)
@@ -347,6 +348,55 @@ def test_sft_shards_disjoint_covering_equal_length(pack):
   assert collections.Counter(segs) == collections.Counter(_expected_segments(examples, 16))
 
 
+@pytest.mark.parametrize("cuts", [(0, 3, 5, 8), (0, 8), (0, 1, 2, 3, 4, 5, 6, 7, 8), (0, 0, 6, 8)])
+def test_sft_slot_ranges_concatenate_to_the_whole_batch(cuts):
+  """How many processes share a stream changes no batch: the slot ranges of
+  any partition of the global batch, side by side, are the one-range batches
+  (also the last, padded one, and across epochs)."""
+  examples = _examples(45, seed=3)
+  kw = dict(batch_size=8, seq_len=16, seed=5, num_epochs=2, shard_index=None, shard_count=None)
+  whole = list(_sft(examples, slots=(0, 8), **kw))
+  parts = [list(_sft(examples, slots=(lo, hi), **kw)) for lo, hi in zip(cuts, cuts[1:])]
+  assert len(whole) > 2 and all(len(p) == len(whole) for p in parts)
+  for b, want in enumerate(whole):
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([p[b][key] for p in parts]), want[key])
+  # shard k of S with batch b is slots k*b .. (k+1)*b of the global batch S*b
+  shard = list(_sft(examples, batch_size=4, seq_len=16, seed=5, num_epochs=2, shard_index=1,
+                    shard_count=2))
+  for got, want in zip(shard, whole):
+    np.testing.assert_array_equal(got["tokens_BxT"], want["tokens_BxT"][4:])
+
+
+def test_state_of_one_slot_range_resumes_another():
+  """A resumed run may have another process count: the state is a position in
+  the global stream, so any slot range resumes at the same global batch."""
+  examples = _examples(30, seed=4)
+  kw = dict(batch_size=6, seq_len=16, seed=2, num_epochs=2, shard_index=None, shard_count=None)
+  it = _sft(examples, slots=(0, 2), **kw)
+  for _ in range(4):
+    next(it)
+  other = _sft(examples, slots=(2, 6), **kw)
+  other.set_state(it.get_state())
+  rest = list(other)
+  want = list(_sft(examples, slots=(2, 6), **kw))[4:]
+  assert len(rest) == len(want) > 0
+  for got, w in zip(rest, want):
+    np.testing.assert_array_equal(got["tokens_BxT"], w["tokens_BxT"])
+  assert it.num_batches() == other.num_batches() == len(list(_sft(examples, slots=(0, 6), **kw)))
+
+
+@pytest.mark.parametrize("slots,kw,match", [
+    ((0, 9), {}, r"slots=\(0, 9\): expected \(lo, hi\) with 0 <= lo <= hi <= batch_size=8"),
+    ((3, 2), {}, "slots=.3, 2."),
+    ((0, 4), {"shard_index": 0, "shard_count": 2}, "give slots or a shard, not both"),
+])
+def test_bad_slots_are_refused(slots, kw, match):
+  kw = {"shard_index": None, "shard_count": None, **kw}
+  with pytest.raises(data.DataError, match=match):
+    _sft(_examples(4), batch_size=8, seq_len=16, slots=slots, **kw)
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
 def test_sft_resume_gives_the_next_batch(k, tmp_path):
   examples = _examples(12, seed=2)
@@ -399,7 +449,7 @@ def test_sft_state_from_other_settings_is_refused():
     (dict(shard_index=0), "give both or neither"),
     (dict(num_epochs=0), "num_epochs=0"),
     (dict(seed=-1), "seed=-1"),
-    (dict(drop_remainder=True, batch_size=20), "fewer than batch_size=20"),
+    (dict(drop_remainder=True, batch_size=20), "10 records leaves no full global batch of 20"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
   args = dict(batch_size=4, seed=0, shard_index=0, shard_count=1)

@@ -193,6 +193,8 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
       p.kill()
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
+  for i, err in enumerate(errs):  # each process built only its half of every batch (fsdp=8)
+    assert f"process {i} builds rows [[{4 * i}, {4 * i + 4}], [{4 * i}, {4 * i + 4}]," in err
 
   def records(work):
     with open(work / "metrics.jsonl") as f:

@@ -8,16 +8,24 @@ With --workdir, evaluates the population a run reached after iteration K
 config. With --config and --checkpoint, evaluates any population checkpoint
 with that config's task and evaluation settings. Prints the metrics as JSON
 (and writes them to --output when given).
+
+The evaluation runs on this machine's devices: `--mesh=agent=2,fsdp=-1`
+sets the mesh (fields not given keep config.mesh's defaults). A run whose own
+mesh does not fit here (e.g. saved on a pod, evaluated on one card) is
+evaluated with the default mesh, fsdp over every device; the metrics do not
+depend on the mesh.
 """
 
 import json
 import os
 
+import jax
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import common
-from maft_jax import checkpoint, loop
+from maft_jax import checkpoint, loop, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with --checkpoint).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory.")
@@ -26,7 +34,30 @@ _ITERATION = flags.DEFINE_integer("iteration", None, "Population after this iter
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint (with --config).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's eval seed).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too.")
+_MESH = flags.DEFINE_string("mesh", None, "Mesh sizes for this evaluation, e.g. "
+                            "agent=2,fsdp=-1 (default: the run's, when it fits here).")
 _INIT_DISTRIBUTED = common.define_distributed_flags()
+
+
+def mesh_for_here(config: dict, text: str | None) -> tuple[dict, str | None]:
+  """(config with the mesh this evaluation uses, a note when it is not the
+  config's own). `text` is --mesh: `axis=size` pairs over the default mesh."""
+  default = loop.default_config().mesh.to_dict()
+  if text is not None:
+    mesh = dict(default)
+    for item in filter(None, text.split(",")):
+      axis, _, size = item.partition("=")
+      if axis.strip() not in default or not size.strip().lstrip("-").isdigit():
+        raise loop.ConfigError(f"--mesh={text}: expected axis=size pairs over the axes "
+                               f"{sorted(default)}, e.g. agent=2,fsdp=-1")
+      mesh[axis.strip()] = int(size)
+    return {**config, "mesh": mesh}, None
+  try:
+    sharding.mesh_shape(config.get("mesh", default), jax.device_count())
+    return config, None
+  except sharding.MeshError as e:
+    return {**config, "mesh": default}, (
+        f"the run's mesh does not fit here ({e}); evaluating with {default}")
 
 
 def main(argv):
@@ -40,7 +71,10 @@ def main(argv):
       if not os.path.isfile(cfg_path):
         raise loop.ConfigError(f"{_WORKDIR.value}: no config.json (not a launch.train workdir)")
       with open(cfg_path) as f:
-        plan = loop.validate(json.load(f))
+        config, note = mesh_for_here(json.load(f), _MESH.value)
+      if note:
+        logging.info(note)
+      plan = loop.validate(config)
       run = loop.Run(plan, _WORKDIR.value)
       done = [k for k in range(1, plan.iterations + 1)
               if os.path.isdir(run.population_path(k))]
@@ -57,6 +91,8 @@ def main(argv):
       config = _CONFIG.value.to_dict()
       config["model"] = dict(config.get("model", {}), source="checkpoint",
                              path=_CHECKPOINT.value)
+      if _MESH.value is not None:
+        config, _ = mesh_for_here(config, _MESH.value)
       plan = loop.validate(config)
       run = loop.Run(plan, _CHECKPOINT.value)  # nothing is written there
       k, seed, source = 0, loop.eval_seed(plan.seed), _CHECKPOINT.value

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maft_jax import sharding
+
 Params = dict[str, Any]
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -341,6 +343,13 @@ def _project(name: str, eq: str, x, p, lora, dt):
   return y
 
 
+def _pin(x, last: str):
+  """Pin a [B, T, ...] activation under a mesh (`sharding.constrain`): batch
+  split by the rule table, the dim after T by its rule (`last`), any head_dim
+  whole."""
+  return sharding.constrain(x, ("batch", "length", last) + ("head_dim",) * (x.ndim - 3))
+
+
 def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None, lora=None):
   """One pre-norm block; returns (x, (k, v)) with this call's keys/values.
 
@@ -350,9 +359,9 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None,
   """
   dt = cfg.compute_dtype
   h = rms_norm(x_BxTxD, p["attn_norm"], cfg)
-  q = _project("wq", "btd,dhk->bthk", h, p, lora, dt)
-  k = _project("wk", "btd,dhk->bthk", h, p, lora, dt)
-  v = _project("wv", "btd,dhk->bthk", h, p, lora, dt)
+  q = _pin(_project("wq", "btd,dhk->bthk", h, p, lora, dt), "heads")
+  k = _pin(_project("wk", "btd,dhk->bthk", h, p, lora, dt), "kv_heads")
+  v = _pin(_project("wv", "btd,dhk->bthk", h, p, lora, dt), "kv_heads")
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   if cfg.qk_norm:
@@ -363,16 +372,16 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None,
   if cached is not None:
     k_old, v_old, old_mask = cached
     blocks.insert(0, (k_old.astype(dt), v_old.astype(dt), old_mask))
-  out = _project("wo", "bthk,hkd->btd", _attend(cfg, q, blocks), p, lora, dt)
+  out = _project("wo", "bthk,hkd->btd", _pin(_attend(cfg, q, blocks), "heads"), p, lora, dt)
   if cfg.o_bias:
     out = out + p["bo"].astype(dt)
-  x = x_BxTxD + out
+  x = _pin(x_BxTxD + out, "activation_embed")
 
   h = rms_norm(x, p["mlp_norm"], cfg)
-  gate = _project("w_gate", "btd,df->btf", h, p, lora, dt)
-  up = _project("w_up", "btd,df->btf", h, p, lora, dt)
+  gate = _pin(_project("w_gate", "btd,df->btf", h, p, lora, dt), "mlp")
+  up = _pin(_project("w_up", "btd,df->btf", h, p, lora, dt), "mlp")
   x = x + _project("w_down", "btf,fd->btd", _activation(cfg, gate) * up, p, lora, dt)
-  return x, (k, v)
+  return _pin(x, "activation_embed"), (k, v)
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -387,11 +396,15 @@ def _remat(cfg: ModelConfig, fn):
 
 
 def embed_tokens(params: Params, tokens_BxT, cfg: ModelConfig):
-  x = params["embed"][tokens_BxT].astype(cfg.compute_dtype)
+  # Look up in a table gathered along the model dim (as FSDP gathers every
+  # weight for use) but still split on vocab: a lookup into a table split on
+  # the model dim makes the partitioner replicate the activations.
+  table = sharding.constrain(params["embed"], ("vocab", "activation_embed"))
+  x = table[tokens_BxT].astype(cfg.compute_dtype)
   if cfg.scale_embeddings:
     # HF rounds sqrt(D) to the compute dtype before multiplying.
     x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)
-  return x
+  return _pin(x, "activation_embed")
 
 
 def _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg, lora_layers,
@@ -505,10 +518,12 @@ def logits_from_hidden(params: Params, hidden_BxTxD, cfg: ModelConfig):
   """f32 logits; the head runs in the compute dtype with f32 accumulation."""
   dt = cfg.compute_dtype
   if cfg.tie_embeddings:
-    return jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(dt), params["embed"].astype(dt),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dt), params["lm_head"].astype(dt),
-                    preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(dt), params["embed"].astype(dt),
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dt), params["lm_head"].astype(dt),
+                        preferred_element_type=jnp.float32)
+  return _pin(logits, "vocab")
 
 
 def forward(params: Params, tokens_BxT, *, cfg: ModelConfig, positions_BxT=None,

@@ -1,8 +1,9 @@
 """Mesh construction and the logical-axis rule table.
 
 Every array the program touches carries logical axis names (`model.param_axes`,
-`population.axes`, `model.cache_axes`); one rule table maps them onto the mesh
-axes ('agent', 'data', 'fsdp', 'tensor'). A mesh axis that does not divide a
+`population.axes`, `model.cache_axes`, and the activations the model pins with
+`constrain`); one rule table maps them onto the mesh axes ('agent', 'data',
+'fsdp', 'tensor'). A mesh axis that does not divide a
 dimension is dropped for that array (replicated instead), so tiny test models
 and odd head counts still shard.
 """
@@ -31,6 +32,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("length", None),
     ("cache_len", None),
+    # Activations: split on batch and on the tensor-parallel dims (heads, mlp,
+    # vocab), never on the model dim that FSDP splits the weights on.
+    ("activation_embed", None),
 )
 
 
@@ -175,6 +179,16 @@ def assemble(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None
   spec = logical_to_spec(axes, shape, mesh)
   return jax.make_array_from_callback(shape, NamedSharding(mesh, spec),
                                       lambda index: fetch(_bounded(index, shape)))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """Inside jit, under `use_mesh`: pin an activation to the rule table's layout
+  for its logical `axes` (inside `vmap(spmd_axis_name=...)` the agent axis is
+  added by vmap). Without a current mesh it returns `x` unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
 def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:

@@ -79,6 +79,52 @@ def test_sampling_on_meshes_matches_one_device(pop):
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5, err_msg=str(sizes))
 
 
+def test_activations_follow_the_rule_table(pop, monkeypatch):
+  """Inside the compiled population forward, every activation the model pins
+  (embeddings, q/k/v, attention output, residual stream, MLP hidden, logits)
+  really has the rule table's layout for its logical axes, plus the agent
+  axis that vmap's spmd_axis_name adds; the embedding table is looked up
+  gathered on the model dim only."""
+  seen = []
+  constrain = sharding.constrain
+
+  def spy(x, axes, rules=sharding.DEFAULT_RULES):
+    y = constrain(x, axes, rules)
+    mesh = jax.sharding.get_abstract_mesh()
+    want = sharding.logical_to_spec(axes, x.shape, mesh, rules)
+    jax.debug.inspect_array_sharding(
+        y, callback=lambda s, a=tuple(axes), w=want, m=mesh: seen.append((a, w, s.spec, m)))
+    return y
+  monkeypatch.setattr(sharding, "constrain", spy)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 64, (A, 4, 8)), jnp.int32)
+  for sizes in MESHES:
+    mesh = sharding.make_mesh(sizes)
+    placed = jax.device_put(pop, sharding.shardings(population.axes(CFG), pop, mesh))
+    seen.clear()
+    with sharding.use_mesh(mesh):
+      jax.jit(jax.vmap(lambda p, t: model.forward(p, t, cfg=CFG)[0],
+                       spmd_axis_name="agent"))(placed, tokens)
+    kinds = {axes[-1] if axes[-1] != "head_dim" else axes[-2] for axes, *_ in seen}
+    assert kinds == {"activation_embed", "heads", "kv_heads", "mlp", "vocab"}, kinds
+    for axes, want, got, m in seen:
+      agent = ("agent",) if m.shape["agent"] > 1 else (None,)
+      _same_spec(_drop_unit_axes(got, m), agent + tuple(want))
+    by_axes = {axes: want for axes, want, *_ in seen}
+    if sizes == (1, 1, 4, 2):  # batch 4 on fsdp, heads/mlp/vocab on tensor
+      assert by_axes[("batch", "length", "mlp")] == P("fsdp", None, "tensor")
+      assert by_axes[("vocab", "activation_embed")] == P("tensor", None)
+
+
+def _drop_unit_axes(spec, mesh):
+  """A spec without mesh axes of size 1 (which split nothing)."""
+  out = []
+  for entry in spec:
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    names = tuple(n for n in names if mesh.shape[n] > 1)
+    out.append(None if not names else names[0] if len(names) == 1 else names)
+  return tuple(out)
+
+
 def _batch():
   """[A, 1, b, T] batches: agent a trains on its own examples."""
   per_agent = []
@@ -170,9 +216,10 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   """Two real processes on localhost (4 fake CPU devices each, one global
   mesh of 8) run one MAFT iteration of the smoke config; their records equal
   a single-process 8-device run's, and the checkpoint they wrote restores in
-  this one process."""
-  args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--noprogress",
-          "--noreport"]
+  this one process; launch.evaluate, on one device, reproduces the run's
+  evaluation although the run's mesh (fsdp=8) does not fit there."""
+  args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--config.mesh.fsdp=8",
+          "--noprogress", "--noreport"]
   one, two = tmp_path / "one", tmp_path / "two"
   cli.run("train", *args, f"--workdir={one}", devices=8)
   shutil.copytree(one / "demo_base", two / "demo_base")  # the same base, not rebuilt
@@ -210,6 +257,16 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
                                      mesh=mesh)[0] for w in (one, two)]
   lr = 3e-4  # configs/demo.py's finetune.learning_rate
   jax.tree.map(lambda x, y: _same_update(np.asarray(x), np.asarray(y), "checkpoint", lr), *pops)
+
+  out = tmp_path / "eval.json"
+  proc = cli.run("evaluate", f"--workdir={two}", f"--output={out}", devices=1)
+  assert "the run's mesh does not fit here" in proc.stderr
+  evaluated, final_eval = json.loads(out.read_text()), records(two)[-1]
+  for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate"):
+    assert evaluated[key] == final_eval[key], key
+  np.testing.assert_allclose(evaluated["cross_nll"], final_eval["cross_nll"], rtol=1e-5)
+  bad = cli.run("evaluate", f"--workdir={two}", "--mesh=agent=3", devices=1, check=False)
+  assert bad.returncode != 0 and "config.mesh=" in bad.stderr and "1 devices" in bad.stderr
 
 
 def test_distributed_flags_are_checked_before_joining():

@@ -59,6 +59,8 @@ def dry_run(plan) -> None:
   except hf.HFError as e:
     raise SystemExit(f"error: {e}") from None
   print(mp.table())
+  for note in loop.layout_notes(plan):
+    print(f"note: {note}")
   if not mp.fits:
     raise SystemExit(f"error: the run needs {mp.peak / 1e9:.1f} GB per device, more than "
                      f"the {mp.capacity / 1e9:.1f} GB there are; turn: {mp.advice()}")

@@ -527,6 +527,8 @@ class Run:
     p = self.plan
     t0 = time.perf_counter()
     self.check_workdir()
+    for note in layout_notes(p):
+      self.log(f"note: {note}")
     pop = self.prepare()
     have = 0  # `pop` is the population after iteration `have`
     for k in range(0, p.iterations + 1):
@@ -689,9 +691,13 @@ class Run:
     for c in range(0, B, chunk):
       part = [a[c:c + chunk] for a in encoded]
       pad = chunk - len(part[0])
-      batch = {key: np.stack([np.stack([r[key] for r in a] + [np.zeros(T, np.int32)] * pad)
-                              for a in part]) for key in sft.BATCH_KEYS}
-      s, n = scoring.row_nll(pop, batch, cfg=self.cfg, ce_chunk=self.plan.sft.hyper.ce_chunk)
+      # [A_author, chunk, T]: every scorer reads every author's rows.
+      batch = {key: sharding.host_to_global(
+          np.stack([np.stack([r[key] for r in a] + [np.zeros(T, np.int32)] * pad)
+                    for a in part]), (None, "batch", "length"), self.mesh)
+               for key in sft.BATCH_KEYS}
+      s, n = scoring.row_nll(pop, batch, cfg=self.cfg, ce_chunk=self.plan.sft.hyper.ce_chunk,
+                             spmd_axis_name=AGENT_AXIS)
       sums.append(distributed.to_host(s)[..., :chunk - pad])
       counts.append(distributed.to_host(n)[..., :chunk - pad])
     return np.concatenate(sums, -1), np.concatenate(counts, -1)
@@ -714,6 +720,29 @@ def model_config(plan: Plan) -> ModelConfig:
                                                               demo.EOS: 2}),
                             dtype=plan.dtype, param_dtype="float32")
   return dataclasses.replace(cfg, remat=plan.remat)
+
+
+def layout_notes(plan: Plan) -> list[str]:
+  """Mesh choices that run correctly but leave devices computing copies, one
+  line each (logged when a run starts, printed by the dry run)."""
+  agent, data, fsdp, _ = plan.mesh
+  notes = []
+  if plan.generators % agent:
+    notes.append(
+        f"config.mesh.agent={agent} does not divide agents.generators={plan.generators}: "
+        "generators and critics sample as populations of N each, which cannot be split "
+        "over the agent axis, so every agent slice samples all of them (mesh.agent=1 with "
+        "a larger mesh.fsdp splits the same memory)")
+  rows = data * fsdp
+  for field, size in (("finetune.batch_size", plan.sft.batch_size),
+                      ("debate.batch_size", plan.debate_options.batch_size),
+                      ("eval.batch_size", plan.eval_options.batch_size)):
+    if size % rows:
+      notes.append(
+          f"config.{field}={size} is not a multiple of mesh.data x mesh.fsdp = {rows}: "
+          "its rows are split over fewer devices than that (the rule table drops an axis "
+          "that does not divide), and the others compute copies")
+  return notes
 
 
 def memory_plan(plan: Plan, *, capacity: int, compile: bool = True,

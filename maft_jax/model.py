@@ -345,8 +345,7 @@ def _project(name: str, eq: str, x, p, lora, dt):
 
 def _pin(x, last: str):
   """Pin a [B, T, ...] activation under a mesh (`sharding.constrain`): batch
-  split by the rule table, the dim after T by its rule (`last`), any head_dim
-  whole."""
+  split by the rule table, the dim after T by its rule (`last`)."""
   return sharding.constrain(x, ("batch", "length", last) + ("head_dim",) * (x.ndim - 3))
 
 
@@ -396,11 +395,9 @@ def _remat(cfg: ModelConfig, fn):
 
 
 def embed_tokens(params: Params, tokens_BxT, cfg: ModelConfig):
-  # Look up in a table gathered along the model dim (as FSDP gathers every
-  # weight for use) but still split on vocab: a lookup into a table split on
-  # the model dim makes the partitioner replicate the activations.
-  table = sharding.constrain(params["embed"], ("vocab", "activation_embed"))
-  x = table[tokens_BxT].astype(cfg.compute_dtype)
+  # The table is not pinned: gathering a whole [V, D] table for the lookup
+  # costs more than re-splitting the [B, T, D] rows it returns.
+  x = params["embed"][tokens_BxT].astype(cfg.compute_dtype)
   if cfg.scale_embeddings:
     # HF rounds sqrt(D) to the compute dtype before multiplying.
     x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)

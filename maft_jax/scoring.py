@@ -135,15 +135,18 @@ def cross_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512):
   return jax.vmap(per_author, in_axes=(0, None))(pop, batches)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk"))
-def row_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512):
+@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk", "spmd_axis_name"))
+def row_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512,
+            spmd_axis_name: str | None = None):
   """Per-row completion NLL sums f32[A_scorer, A_author, b] and token counts
   i32[A_scorer, A_author, b] of every author's rows (batches: dict of
-  [A_author, b, T], SFT layout, one example per row) under every agent."""
+  [A_author, b, T], SFT layout, one example per row) under every agent.
+  `spmd_axis_name`: the mesh axis the scorers are split over, as in
+  `finetune.train_step`."""
   def one_row(params, row):
     return finetune.token_nll(params, {k: v[None] for k, v in row.items()}, cfg, ce_chunk)
   per_author = jax.vmap(jax.vmap(one_row, in_axes=(None, 0)), in_axes=(None, 0))
-  return jax.vmap(per_author, in_axes=(0, None))(pop, batches)
+  return jax.vmap(per_author, in_axes=(0, None), spmd_axis_name=spmd_axis_name)(pop, batches)
 
 
 def scoring_rows(prompt_ids: Sequence[int], completion_ids: Sequence[int], seq_len: int,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from maft_jax import checkpoint, hf, population
+import jax
+
+from maft_jax import checkpoint, hf, loop, population, sharding
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tokenizer import Tokenizer, check_fits
 
@@ -98,3 +100,29 @@ def define_distributed_flags():
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
   return initialize
+
+
+def mesh_for_here(config: dict, text: str | None) -> tuple[dict, str | None]:
+  """(config with the mesh this evaluation uses, a note when it is not the
+  config's own). `text` is --mesh: `axis=size` pairs over the default mesh."""
+  default = loop.default_config().mesh.to_dict()
+  if text is not None:
+    mesh, given = dict(default), set()
+    for item in text.split(","):
+      axis, _, size = (x.strip() for x in item.partition("="))
+      try:
+        value = int(size)
+      except ValueError:
+        value = None
+      if axis not in default or axis in given or value is None:
+        raise loop.ConfigError(f"--mesh={text}: expected distinct axis=size pairs over the "
+                               f"axes {sorted(default)}, e.g. agent=2,fsdp=-1")
+      mesh[axis] = value
+      given.add(axis)
+    return {**config, "mesh": mesh}, None
+  try:
+    sharding.mesh_shape(config.get("mesh", default), jax.device_count())
+    return config, None
+  except sharding.MeshError as e:
+    return {**config, "mesh": default}, (
+        f"the run's mesh does not fit here ({e}); evaluating with {default}")

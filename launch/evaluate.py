@@ -10,22 +10,20 @@ with that config's task and evaluation settings. Prints the metrics as JSON
 (and writes them to --output when given).
 
 The evaluation runs on this machine's devices: `--mesh=agent=2,fsdp=-1`
-sets the mesh (fields not given keep config.mesh's defaults). A run whose own
-mesh does not fit here (e.g. saved on a pod, evaluated on one card) is
-evaluated with the default mesh, fsdp over every device; the metrics do not
-depend on the mesh.
+sets the mesh (axes not given take the default mesh's sizes: agent, data,
+tensor 1 and fsdp -1). A run whose own mesh does not fit here (e.g. saved on
+a pod, evaluated on one card) is evaluated with the default mesh, fsdp over
+every device; the metrics match up to floating-point differences.
 """
 
 import json
 import os
 
-import jax
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import common
-from maft_jax import checkpoint, loop, sharding
+from maft_jax import checkpoint, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with --checkpoint).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory.")
@@ -35,29 +33,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint (wi
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's eval seed).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too.")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes for this evaluation, e.g. "
-                            "agent=2,fsdp=-1 (default: the run's, when it fits here).")
+                            "agent=2,fsdp=-1; axes not given take the default mesh's sizes "
+                            "(default: the run's mesh, when it fits here).")
 _INIT_DISTRIBUTED = common.define_distributed_flags()
-
-
-def mesh_for_here(config: dict, text: str | None) -> tuple[dict, str | None]:
-  """(config with the mesh this evaluation uses, a note when it is not the
-  config's own). `text` is --mesh: `axis=size` pairs over the default mesh."""
-  default = loop.default_config().mesh.to_dict()
-  if text is not None:
-    mesh = dict(default)
-    for item in filter(None, text.split(",")):
-      axis, _, size = item.partition("=")
-      if axis.strip() not in default or not size.strip().lstrip("-").isdigit():
-        raise loop.ConfigError(f"--mesh={text}: expected axis=size pairs over the axes "
-                               f"{sorted(default)}, e.g. agent=2,fsdp=-1")
-      mesh[axis.strip()] = int(size)
-    return {**config, "mesh": mesh}, None
-  try:
-    sharding.mesh_shape(config.get("mesh", default), jax.device_count())
-    return config, None
-  except sharding.MeshError as e:
-    return {**config, "mesh": default}, (
-        f"the run's mesh does not fit here ({e}); evaluating with {default}")
 
 
 def main(argv):
@@ -71,7 +49,7 @@ def main(argv):
       if not os.path.isfile(cfg_path):
         raise loop.ConfigError(f"{_WORKDIR.value}: no config.json (not a launch.train workdir)")
       with open(cfg_path) as f:
-        config, note = mesh_for_here(json.load(f), _MESH.value)
+        config, note = common.mesh_for_here(json.load(f), _MESH.value)
       if note:
         logging.info(note)
       plan = loop.validate(config)
@@ -92,7 +70,7 @@ def main(argv):
       config["model"] = dict(config.get("model", {}), source="checkpoint",
                              path=_CHECKPOINT.value)
       if _MESH.value is not None:
-        config, _ = mesh_for_here(config, _MESH.value)
+        config, _ = common.mesh_for_here(config, _MESH.value)
       plan = loop.validate(config)
       run = loop.Run(plan, _CHECKPOINT.value)  # nothing is written there
       k, seed, source = 0, loop.eval_seed(plan.seed), _CHECKPOINT.value

@@ -73,7 +73,7 @@ import grain
 import numpy as np
 
 STATE_FORMAT = "maft_jax.data.iterator"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: shards are slot ranges of a global stream
 OVERLONG_POLICIES = ("truncate_prompt", "error")
 
 

@@ -95,16 +95,18 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer, *, where: Callab
   return examples
 
 
-def _pipelines(examples, s: Settings, pad_id: int, spans: Sequence[tuple[int, int]]):
-  # Agent a's pipeline builds only rows spans[a] of each of its batches: those
-  # its process's devices hold (all of them in one process). The batches are
-  # slot ranges of one global stream (see `data`), so a run on several
-  # processes trains on exactly the batches of a one-process run, and its
-  # iterator states resume on any process count.
-  return [data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len,
-                           seed=s.seed * 1000 + a, pad_id=pad_id, pack=s.pack,
-                           num_epochs=s.epochs, slots=span) if ex else None
-          for a, (ex, span) in enumerate(zip(examples, spans))]
+def _pipelines(examples, s: Settings, pad_id: int, held: Sequence[Sequence[tuple[int, int]]]):
+  # Agent a gets one pipeline per interval of rows held[a] of its batches that
+  # this process's devices hold (all of them in one process), building only
+  # those rows; an agent this process holds none of keeps one empty pipeline,
+  # whose state it saves like the others. The batches are slot ranges of one
+  # global stream (see `data`), so a run on several processes trains on
+  # exactly the batches of a one-process run, and the iterator states (a
+  # position in that stream) resume on any process count.
+  return [[data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len,
+                            seed=s.seed * 1000 + a, pad_id=pad_id, pack=s.pack,
+                            num_epochs=s.epochs, slots=slots) for slots in rows or [(0, 0)]]
+          if ex else None for a, (ex, rows) in enumerate(zip(examples, held))]
 
 
 def _identical_agents(pop: Params) -> bool:
@@ -132,22 +134,22 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   `spmd_axis_name`: the mesh axis the agent axis is split over (that mesh
   current), as in `finetune.train_step`. `mesh`: place each batch on it by
   the rule table; each process builds only the rows its devices hold
-  (`sharding.addressable_spans`), and each device receives only its own.
+  (`sharding.addressable_rows`), and each device receives only its own.
   """
   s = settings
   A = population.num_agents(pop)
   if len(examples) != A:
     raise ValueError(f"{len(examples)} example lists for a population of {A} agents")
   shape = (A, s.grad_accum, s.batch_size, s.seq_len)
-  spans = sharding.addressable_spans(shape, BATCH_AXES, mesh, per=0, along=2)
-  its = _pipelines(examples, s, pad_id, spans)
-  counts = [it.num_batches() if it else 0 for it in its]
+  held = sharding.addressable_rows(shape, BATCH_AXES, mesh, per=0, along=2)
+  its = _pipelines(examples, s, pad_id, held)
+  counts = [it[0].num_batches() if it else 0 for it in its]
   total_steps = [-(-c // s.grad_accum) for c in counts]
   num_steps = max(total_steps, default=0)
   log(f"examples per agent {[len(e) for e in examples]} -> steps per agent {total_steps}")
-  if any(span != (0, s.batch_size) for span in spans):
-    log(f"process {jax.process_index()} builds rows {[list(span) for span in spans]} of each "
-        f"agent's batches of {s.batch_size}")
+  if any(rows != [(0, s.batch_size)] for rows in held):
+    log(f"process {jax.process_index()} builds rows {[[list(r) for r in rows] for rows in held]}"
+        f" of each agent's batches of {s.batch_size}")
   base, trainable = None, pop
   if s.lora is not None:
     if not _identical_agents(pop):
@@ -178,30 +180,36 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
                         f"this run asks for {run_config}. Use another workdir or the same "
                         "settings.")
     start, tokens_done, last_loss = int(extra["step"]), int(extra["tokens"]), extra["last_loss"]
-    for it, st in zip(its, extra["data"]):
-      if it is not None:
+    for pipes, st in zip(its, extra["data"]):
+      for it in pipes or ():
         it.set_state(st)
     log(f"resumed from {workdir} at step {start}")
 
-  def next_micro(it) -> dict[str, np.ndarray] | None:
-    return None if it is None else next(it, None)
+  def next_micro(pipes) -> list[dict[str, np.ndarray]] | None:
+    """One microbatch of an agent: a piece per held interval (None: no data)."""
+    if pipes is None:
+      return None
+    pieces = [next(it, None) for it in pipes]
+    return None if pieces[0] is None else pieces
 
   def fetch(micro, key: str, index: tuple[slice, ...]) -> np.ndarray:
-    # This process's piece of the global batch [A, grad_accum, batch, T]: it
-    # holds rows spans[a] of agent a; a finished agent's rows are padding.
+    # This process's piece of the global batch [A, grad_accum, batch, T]. A
+    # device's rows lie inside one of the intervals held[a] of agent a; a
+    # finished agent's rows are padding.
     agents, accum, rows, length = index
     out = np.zeros([sl.stop - sl.start for sl in index], np.int32)
     for i, a in enumerate(range(agents.start, agents.stop)):
-      lo = spans[a][0]
+      n, lo = next((n, lo) for n, (lo, hi) in enumerate(held[a])
+                   if lo <= rows.start and rows.stop <= hi)
       for j, m in enumerate(range(accum.start, accum.stop)):
         if micro[a][m] is not None:
-          out[i, j] = micro[a][m][key][rows.start - lo:rows.stop - lo, length]
+          out[i, j] = micro[a][m][n][key][rows.start - lo:rows.stop - lo, length]
     return out
 
   t0, tokens_before = time.perf_counter(), tokens_done
   try:
     for step in range(start, num_steps):
-      micro = [[next_micro(it) for _ in range(s.grad_accum)] for it in its]
+      micro = [[next_micro(pipes) for _ in range(s.grad_accum)] for pipes in its]
       batch = {k: sharding.assemble(shape, BATCH_AXES, mesh, functools.partial(fetch, micro, k))
                for k in BATCH_KEYS}
       state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
@@ -225,7 +233,8 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
       if ckpts is not None and ((step + 1) % s.save_every == 0 or step + 1 == num_steps):
         ckpts.save(step + 1, state, {"step": step + 1, "run": run_config, "tokens": tokens_done,
                                      "last_loss": list(last_loss),
-                                     "data": [it.get_state() if it else None for it in its]})
+                                     "data": [pipes[0].get_state() if pipes else None
+                                              for pipes in its]})
   finally:
     # Let an in-flight asynchronous save of the last good state finish, also
     # when a step fails (e.g. a non-finite loss).

@@ -204,23 +204,36 @@ def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None)
   return assemble(x.shape, axes, mesh, lambda index: x[index])
 
 
-def addressable_spans(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None, *,
-                      per: int, along: int) -> list[tuple[int, int]]:
-  """For each index `i` of dimension `per`, the span (lo, hi) of dimension
-  `along` that this process's devices hold of an array of `shape` placed by
-  the rule table for `axes`; (0, 0) where they hold none of index `i`.
-  E.g. the rows of each agent's batch that a process must build. Without a
-  mesh, everything."""
+def addressable_rows(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None, *,
+                     per: int, along: int, devices=None) -> list[list[tuple[int, int]]]:
+  """For each index `i` of dimension `per`, the disjoint sorted intervals
+  [lo, hi) of dimension `along` that this process's devices (or `devices`)
+  hold of an array of `shape` placed by the rule table for `axes` ([] where
+  they hold none of index `i`). E.g. the rows of each agent's batch that a
+  process must build; a mesh whose device order interleaves processes gives
+  several intervals. Without a mesh, everything."""
   shape = tuple(shape)
   if mesh is None:
-    return [(0, shape[along])] * shape[per]
+    return [[(0, shape[along])] for _ in range(shape[per])]
   spec = logical_to_spec(axes, shape, mesh)
-  held: list[list[slice]] = [[] for _ in range(shape[per])]
-  for index in NamedSharding(mesh, spec).addressable_devices_indices_map(shape).values():
+  mine = set(devices) if devices is not None else None
+  held: list[set[tuple[int, int]]] = [set() for _ in range(shape[per])]
+  for device, index in NamedSharding(mesh, spec).devices_indices_map(shape).items():
+    if (device not in mine) if mine is not None else device.process_index != jax.process_index():
+      continue
     index = _bounded(index, shape)
     for i in range(index[per].start, index[per].stop):
-      held[i].append(index[along])
-  return [(min(s.start for s in h), max(s.stop for s in h)) if h else (0, 0) for h in held]
+      held[i].add((index[along].start, index[along].stop))
+  merged = []
+  for pieces in held:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(pieces):
+      if out and lo <= out[-1][1]:
+        out[-1] = (out[-1][0], max(out[-1][1], hi))
+      else:
+        out.append((lo, hi))
+    merged.append(out)
+  return merged
 
 
 def use_mesh(mesh: Mesh):

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import (checkpoint, data, distributed, finetune, model, population, presets,
-                      sampling, sharding)
+from maft_jax import (checkpoint, data, distributed, finetune, loop, model, population, presets,
+                      sampling, sft, sharding)
 from maft_jax.sharding import PartitionSpec as P
+
+from launch import common
 from tests import cli
 from tests.conftest import FAST_COMPILE
 
@@ -141,6 +143,46 @@ def _batch():
   return {k: np.stack([b[k] for b in per_agent])[:, None] for k in per_agent[0]}
 
 
+def test_rows_a_process_holds_on_an_interleaved_mesh():
+  """Where the device order interleaves processes along the batch split, a
+  process holds several intervals of rows: it builds those, not their span."""
+  devs = jax.devices()
+  grid = np.array(devs)[[0, 1, 4, 5, 2, 3, 6, 7]].reshape(1, 2, 4, 1)
+  mesh = sharding.Mesh(grid, sharding.MESH_AXES)  # row r of 8 on the (data, fsdp) device r
+  shape = (2, 1, 8, 16)
+  assert sharding.addressable_rows(shape, sft.BATCH_AXES, mesh, per=0, along=2,
+                                   devices=devs[:4]) == [[(0, 2), (4, 6)]] * 2
+  assert sharding.addressable_rows(shape, sft.BATCH_AXES, mesh, per=0, along=2) == [[(0, 8)]] * 2
+  agents = sharding.make_mesh((2, 1, 4, 1))  # agent 1 lives on devices 4-7
+  assert sharding.addressable_rows(shape, sft.BATCH_AXES, agents, per=0, along=2,
+                                   devices=devs[:4]) == [[(0, 8)], []]
+
+
+def test_sft_run_building_rows_in_several_intervals_trains_the_same(pop, monkeypatch):
+  """One pipeline per held interval of rows (an interleaved mesh's case) gives
+  the batches, losses and weights of one pipeline over the whole batch."""
+  mesh = sharding.make_mesh((2, 1, 4, 1))
+  rng = np.random.default_rng(5)
+  examples = [[{"prompt_ids": rng.integers(1, 64, rng.integers(2, 6)).tolist(),
+                "completion_ids": rng.integers(1, 64, rng.integers(2, 7)).tolist()}
+               for _ in range(9 + a)] for a in range(A)]
+  examples[3] = []  # an agent without data
+  settings = sft.Settings(hyper=H, epochs=2, batch_size=4, seq_len=16, grad_accum=2)
+
+  def train():
+    placed = jax.device_put(pop, sharding.shardings(population.axes(CFG), pop, mesh))
+    with sharding.use_mesh(mesh):
+      return sft.run(placed, examples, cfg=CFG, settings=settings, pad_id=0, progress=False,
+                     spmd_axis_name="agent", mesh=mesh)
+  whole = train()
+  monkeypatch.setattr(sharding, "addressable_rows",
+                      lambda shape, *a, **k: [[(0, 1), (1, 3), (3, 4)]] * shape[0])
+  split = train()
+  assert split.steps == whole.steps and split.tokens == whole.tokens
+  assert split.final_loss == whole.final_loss
+  jax.tree.map(np.testing.assert_array_equal, split.params, whole.params)
+
+
 def test_train_step_on_meshes_matches_one_device(pop):
   batch = _batch()
   fresh = lambda: finetune.init_state(jax.tree.map(jnp.copy, pop), H, 10)  # noqa: E731
@@ -249,7 +291,7 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
   for i, err in enumerate(errs):  # each process built only its half of every batch (fsdp=8)
-    assert f"process {i} builds rows [[{4 * i}, {4 * i + 4}], [{4 * i}, {4 * i + 4}]," in err
+    assert f"process {i} builds rows [[[{4 * i}, {4 * i + 4}]], [[{4 * i}, {4 * i + 4}]]," in err
 
   def records(work):
     with open(work / "metrics.jsonl") as f:
@@ -286,3 +328,17 @@ def test_distributed_flags_are_checked_before_joining():
   assert jax.process_count() == 1 and distributed.is_primary()
   x = np.arange(4.0)
   np.testing.assert_array_equal(distributed.to_host(jnp.asarray(x)), x)
+
+
+@pytest.mark.parametrize("text", ["agent", "agent=--2", "agent=2,,fsdp=-1", "", "agent=2,agent=4",
+                                  "pipeline=2"])
+def test_evaluate_mesh_flag_errors_name_the_flag(text):
+  with pytest.raises(loop.ConfigError, match="--mesh=.*expected distinct axis=size"):
+    common.mesh_for_here({}, text)
+
+
+def test_evaluate_mesh_flag_overrides_the_default_mesh():
+  config, note = common.mesh_for_here({"mesh": {"fsdp": 64}}, "agent=2, tensor=2")
+  assert config["mesh"] == {"agent": 2, "data": 1, "fsdp": -1, "tensor": 2} and note is None
+  config, note = common.mesh_for_here({"mesh": {"agent": 1, "fsdp": 64}}, None)
+  assert config["mesh"]["fsdp"] == -1 and "the run's mesh does not fit here" in note

@@ -741,7 +741,9 @@ def layout_notes(plan: Plan) -> list[str]:
       notes.append(
           f"config.{field}={size} is not a multiple of mesh.data x mesh.fsdp = {rows}: "
           "its rows are split over fewer devices than that (the rule table drops an axis "
-          "that does not divide), and the others compute copies")
+          "that does not divide), and the others compute copies"
+          + ("; a larger batch_size with a smaller grad_accum keeps the tokens per step"
+             if field.startswith("finetune") else ""))
   return notes
 
 

@@ -2,6 +2,7 @@ r"""Benchmarks, measured side by side in one process on one card.
 
     python -m launch.bench --what=sample [--tiny] [--peer]
     python -m launch.bench --what=train [--tiny] [--peer]
+    python -m launch.bench --what=train --lora_only --arch=llama-3-8b --agents=8 --train_batch=4
 
 `--what=sample` runs the reference sampling workload: Qwen2-0.5B
 architecture, random init, bf16, 64 prompts of 128 tokens per agent, 256 new
@@ -18,7 +19,9 @@ our ratio against it.
 `--what=train` runs the reference training workload: Qwen2-0.5B architecture,
 16 sequences of 1024 tokens per agent per step, bf16 compute, fp32 master
 weights and AdamW state, for A = 1, 2, 4, 8 agents, plus LoRA rows (rank 16,
-all projections, one shared frozen base). It prints trained tok/s, MFU
+all projections, one shared frozen base held in bf16). `--lora_only` runs
+only LoRA rows, one per --agents count: the memory check for many agents of
+a 7-8B model on one card. It prints trained tok/s, MFU
 (6·P·tokens over the card's dense bf16 peak: --peak_tflops, default the
 datasheet value for H100/H200, else the matmul rate measured in the run), the
 vmapped-vs-sequential ratio and peak device memory; `--peer` also runs
@@ -51,6 +54,8 @@ _REMAT = flags.DEFINE_enum("remat", "dots_no_batch", ["none", "full", "dots", "d
                            "Train: rematerialisation policy.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Train: dense bf16 peak of the card.")
 _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized workload.")
+_LORA_ONLY = flags.DEFINE_bool("lora_only", False, "Train: only the LoRA rows, for every "
+                               "--agents count (e.g. 8 agents of --arch=llama-3-8b on one card).")
 _PEER = flags.DEFINE_bool("peer", False, "Also run the HF peer in this command.")
 _AGENTS = flags.DEFINE_list("agents", None, "Agent counts (default 1,2,4,8; tiny 1,2).")
 _ARCH = flags.DEFINE_string("arch", "qwen2-0.5b", "Preset architecture.")
@@ -115,9 +120,18 @@ def run_peer(arch: str, A: int, B: int, T: int, N: int) -> float | None:
   cmd = [sys.executable, script, "--arch", arch, "--agents", str(A), "--batch", str(B),
          "--prompt_len", str(T), "--new_tokens", str(N), "--cache", "dynamic"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
-  print(proc.stdout.strip() or proc.stderr.strip()[-2000:], flush=True)
+  print(_peer_output(proc), flush=True)
   m = re.search(r"([\d.]+) tok/s", proc.stdout)
   return float(m.group(1)) if m else None
+
+
+def _peer_output(proc: subprocess.CompletedProcess) -> str:
+  """The peer's report, or on failure its exit status and last error line
+  (a traceback would push our own table out of a log's tail)."""
+  if proc.returncode == 0 and proc.stdout.strip():
+    return proc.stdout.strip()
+  last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+  return f"peer failed (exit {proc.returncode}): {last}"
 
 
 def bench_sample():
@@ -218,7 +232,7 @@ def bench_train():
     return median_time(step, repeats)
 
   rows = []
-  for A in agents:
+  for A in ([] if _LORA_ONLY.value else agents):
     state = finetune.init_state(population.init(cfg, jax.random.key(1), A), h, 100)
     t = time_steps(state, batch_for(A))
     del state
@@ -230,8 +244,9 @@ def bench_train():
     tokens = A * B * T
     rows.append((f"full A={A}", tokens / t, 6 * P * tokens / t / flops, t_seq / t, peak_memory()))
   lcfg = lora.LoraConfig(rank=16, alpha=32.0)
-  base = model.init_params(cfg, jax.random.key(2))
-  for A in [a for a in agents if a >= 2][-2:] or agents[-1:]:
+  # The frozen base needs no f32 master copy: bf16 halves its memory.
+  base = model.init_params(dataclasses.replace(cfg, param_dtype="bfloat16"), jax.random.key(2))
+  for A in agents if _LORA_ONLY.value else [a for a in agents if a >= 2][-2:] or agents[-1:]:
     adapters = lora.init(cfg, lcfg, jax.random.key(3), A)
     state = finetune.init_state(adapters, h, 100)
     t = time_steps(state, batch_for(A), base, lcfg.scale)
@@ -247,14 +262,14 @@ def bench_train():
   for name, tps, mfu, ratio, mem in rows:
     ratio_s = "" if ratio != ratio else f"{ratio:.2f}x"
     print(f"{name:>14} {tps:>12,.0f} {mfu:>6.1%} {ratio_s:>14} {mem:>10}")
-  if _PEER.value:
+  if _PEER.value and not _LORA_ONLY.value:
     script = os.path.join(os.path.dirname(os.path.abspath(_PEER_SCRIPT.value)),
                           "hf_train_peer.py")
     A_ref = 4 if 4 in agents else agents[-1]
     cmd = [sys.executable, script, "--arch", _ARCH.value, "--agents", str(A_ref), "--batch",
            str(B), "--seq", str(T), "--compile"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    print(proc.stdout.strip() or proc.stderr.strip()[-2000:], flush=True)
+    print(_peer_output(proc), flush=True)
     m = re.search(r"([\d.]+) tok/s", proc.stdout)
     ours = dict((r[0], r[1]) for r in rows).get(f"full A={A_ref}")
     if m and ours:

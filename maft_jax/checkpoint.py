@@ -99,7 +99,7 @@ def load_population(path: str, *, mesh: jax.sharding.Mesh | None = None,
   meta = dataclasses.replace(meta, cfg=cfg)
   abstract = population.shapes(cfg, meta.num_agents)
   if mesh is None:
-    shard = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard), abstract)
   else:
     shards = sharding.shardings(population.axes(cfg), abstract, mesh, rules)

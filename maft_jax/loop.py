@@ -474,13 +474,16 @@ class Run:
       self._mesh = sharding.make_mesh(self.plan.mesh)
     return self._mesh
 
-  def place(self, pop: Params, cfg: ModelConfig) -> Params:
-    """Put a population on the mesh by the rule table; the jitted programs
-    that take it follow its shardings."""
-    shards = sharding.shardings(population.axes(cfg), pop, self.mesh)
-    if jax.process_count() > 1:  # every process holds the same values: place from host
-      pop = jax.tree.map(np.asarray, pop)
-    return jax.device_put(pop, shards)
+  def copies(self, params: Params, num: int, cfg: ModelConfig) -> Params:
+    """`num` copies of one agent's `params` (local arrays), placed on the mesh
+    by the rule table: each device receives only its shard, sliced from a
+    broadcast view of the one copy, so no device or host ever holds the
+    population whole (6 copies of an 8B model are 192 GB in f32)."""
+    def one(x, axes):
+      full = np.broadcast_to(np.asarray(x)[None], (num,) + tuple(x.shape))  # a view
+      return sharding.assemble(full.shape, axes, self.mesh,
+                               lambda index: np.ascontiguousarray(full[index]))
+    return jax.tree.map(one, params, population.axes(cfg))
 
   def load_base(self) -> tuple[Params, ModelConfig, Tokenizer, dict, str, str]:
     """(population of A base copies on the mesh, cfg, tokenizer, hf_config,
@@ -492,17 +495,21 @@ class Run:
       tok = Tokenizer(path)
       check_fits(tok, m.cfg.vocab_size, path)
       cfg = dataclasses.replace(m.cfg, remat=p.remat)
-      return (self.place(population.replicate(m.params, p.num_agents), cfg), cfg, tok,
-              m.hf_config, m.source_dtype, path)
-    pop, meta = checkpoint.load_population(path, dtype=p.dtype, param_dtype="float32",
-                                           remat=p.remat)
-    if meta.num_agents not in (1, p.num_agents):
-      raise ConfigError(f"config.model.path={path!r}: the checkpoint has {meta.num_agents} "
+      return (self.copies(m.params, p.num_agents, cfg), cfg, tok, m.hf_config, m.source_dtype,
+              path)
+    agents = checkpoint.read_meta(path).num_agents
+    if agents not in (1, p.num_agents):
+      raise ConfigError(f"config.model.path={path!r}: the checkpoint has {agents} "
                         f"agents; this config needs 1 (copied) or {p.num_agents}")
-    if meta.num_agents == 1:
-      pop = population.replicate(population.select(pop, 0), p.num_agents)
-    return (self.place(pop, meta.cfg), meta.cfg, Tokenizer(checkpoint.tokenizer_dir(path)),
-            meta.hf_config, meta.source_dtype, checkpoint.tokenizer_dir(path))
+    # A whole population restores straight onto the mesh; one agent is read
+    # onto a local device and copied onto it.
+    pop, meta = checkpoint.load_population(path, mesh=self.mesh if agents > 1 else None,
+                                           dtype=p.dtype, param_dtype="float32",
+                                           remat=p.remat)
+    if agents == 1:
+      pop = self.copies(population.select(pop, 0), p.num_agents, meta.cfg)
+    return (pop, meta.cfg, Tokenizer(checkpoint.tokenizer_dir(path)), meta.hf_config,
+            meta.source_dtype, checkpoint.tokenizer_dir(path))
 
   def population_path(self, iteration: int) -> str:
     return os.path.join(Stage(self.workdir, iteration, "finetune").dir, "population")

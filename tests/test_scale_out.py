@@ -183,6 +183,38 @@ def test_sft_run_building_rows_in_several_intervals_trains_the_same(pop, monkeyp
   jax.tree.map(np.testing.assert_array_equal, split.params, whole.params)
 
 
+def test_base_copies_go_to_the_mesh_shard_by_shard(tmp_path):
+  """The loop's A copies of one base land on the mesh in the rule table's
+  layout, equal to replicate() (each device is sent only its shard)."""
+  config = loop.default_config()
+  config.model.source, config.model.path = "demo", None
+  config.mesh.agent, config.mesh.fsdp = 2, 4
+  config.agents.generators = 2
+  run = loop.Run(loop.validate(config), str(tmp_path))
+  one = population.select(population.init(CFG, jax.random.key(7), 1), 0)
+  got = run.copies(one, 4, CFG)
+  _follows_rules(got, population.axes(CFG), run.mesh)
+  assert got["layers"]["wq"].sharding.spec[0] == "agent"
+  jax.tree.map(np.testing.assert_array_equal, got, population.replicate(one, 4))
+
+
+def test_one_agent_checkpoint_base_is_copied_onto_the_mesh(hf_models, tmp_path):
+  """A one-agent population checkpoint as the base (model.source=checkpoint):
+  read onto a local device, copied onto an agent x fsdp mesh by the rule table."""
+  ckpt = str(tmp_path / "ckpt")
+  cli.run("import_hf", f"--hf_dir={hf_models('llama')}", f"--out={ckpt}", "--agents=1")
+  config = loop.default_config()
+  config.model.source, config.model.path = "checkpoint", ckpt
+  config.mesh.agent, config.mesh.fsdp = 2, 4
+  config.agents.generators = 2
+  run = loop.Run(loop.validate(config), str(tmp_path / "run"))
+  pop, cfg = run.load_base()[:2]
+  one, _ = checkpoint.load_population(ckpt, param_dtype="float32")
+  _follows_rules(pop, population.axes(cfg), run.mesh)
+  jax.tree.map(np.testing.assert_array_equal, pop, population.replicate(
+      population.select(one, 0), 4))
+
+
 def test_train_step_on_meshes_matches_one_device(pop):
   batch = _batch()
   fresh = lambda: finetune.init_state(jax.tree.map(jnp.copy, pop), H, 10)  # noqa: E731

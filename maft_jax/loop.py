@@ -633,8 +633,11 @@ class Run:
                      run_id={"iteration": k}, progress=self.progress, log=self.log,
                      spmd_axis_name=AGENT_AXIS, mesh=self.mesh)
     params = result.params
-    if p.shared:
-      params = population.replicate(population.select(params, 0), p.num_agents)
+    if p.shared:  # copies of the one trained model, on the mesh by the rule table
+      layout = sharding.shardings(population.axes(self.cfg),
+                                  population.shapes(self.cfg, p.num_agents), self.mesh)
+      params = jax.jit(lambda one: population.replicate(population.select(one, 0), p.num_agents),
+                       out_shardings=layout)(params)
     out = stage.begin()
     checkpoint.save_population(os.path.join(out, "population"), params, cfg=self.cfg,
                                hf_config=self.hf_config, source_dtype=self.source_dtype,

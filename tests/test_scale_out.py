@@ -347,8 +347,6 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate"):
     assert evaluated[key] == final_eval[key], key
   np.testing.assert_allclose(evaluated["cross_nll"], final_eval["cross_nll"], rtol=1e-5)
-  bad = cli.run("evaluate", f"--workdir={two}", "--mesh=agent=3", devices=1, check=False)
-  assert bad.returncode != 0 and "config.mesh=" in bad.stderr and "1 devices" in bad.stderr
 
 
 def test_distributed_flags_are_checked_before_joining():

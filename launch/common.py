@@ -7,7 +7,7 @@ import logging
 
 import jax
 
-from maft_jax import checkpoint, hf, loop, population, sharding
+from maft_jax import checkpoint, hf, population, sharding
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tokenizer import Tokenizer, check_fits
 
@@ -105,6 +105,7 @@ def define_distributed_flags():
 def mesh_for_here(config: dict, text: str | None) -> tuple[dict, str | None]:
   """(config with the mesh this evaluation uses, a note when it is not the
   config's own). `text` is --mesh: `axis=size` pairs over the default mesh."""
+  from maft_jax import loop  # deferred: the other launch commands need none of it
   default = loop.default_config().mesh.to_dict()
   if text is not None:
     mesh, given = dict(default), set()

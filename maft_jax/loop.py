@@ -481,8 +481,7 @@ class Run:
     population whole (6 copies of an 8B model are 192 GB in f32)."""
     def one(x, axes):
       full = np.broadcast_to(np.asarray(x)[None], (num,) + tuple(x.shape))  # a view
-      return sharding.assemble(full.shape, axes, self.mesh,
-                               lambda index: np.ascontiguousarray(full[index]))
+      return sharding.host_to_global(full, axes, self.mesh)
     return jax.tree.map(one, params, population.axes(cfg))
 
   def load_base(self) -> tuple[Params, ModelConfig, Tokenizer, dict, str, str]:

@@ -145,8 +145,7 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
     return result  # already too big (or not asked): nothing to compile
 
   with sharding.use_mesh(mesh):
-    spec = sharding.logical_to_spec(("agent", None, "batch", "length"),
-                                    (A, grad_accum, train_batch, seq_len), mesh)
+    spec = sharding.logical_to_spec(sft.BATCH_AXES, (A, grad_accum, train_batch, seq_len), mesh)
     batch = {k: jax.ShapeDtypeStruct((A, grad_accum, train_batch, seq_len), jnp.int32,
                                      sharding=jax.sharding.NamedSharding(mesh, spec))
              for k in sft.BATCH_KEYS}

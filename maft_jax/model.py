@@ -191,6 +191,21 @@ def init_params(cfg: ModelConfig, key: jax.Array, *, init_std: float = 0.02) -> 
   return _nest(flat)
 
 
+def for_compute(params: Params, cfg: ModelConfig) -> Params:
+  """The weights cast to the compute dtype, as the forward casts them on use
+  (norm weights stay as stored: the forward casts those itself, Gemma's in
+  f32). Forward passes on either give identical results; sampling casts once
+  per call with this instead of reading f32 masters on every decode step,
+  which would double its memory traffic."""
+  dt = cfg.compute_dtype
+
+  def cast(path, a):
+    keep = str(getattr(path[-1], "key", "")).endswith("norm") or a.dtype == dt
+    return a if keep else a.astype(dt)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -278,7 +293,9 @@ def positions_from_segments(segment_ids_BxT):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
   dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  # [L, B, K, S, Dh]: (batch, kv head) lead, so both attention matmuls read
+  # each layer's cache as it lies, without a transposed copy every step.
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return {
       "k": jnp.zeros(shape, dtype),
       "v": jnp.zeros(shape, dtype),
@@ -290,7 +307,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[s
 
 def cache_axes() -> dict[str, tuple[str, ...]]:
   """Logical axes of `init_cache`'s leaves."""
-  kv = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+  kv = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
   return {"k": kv, "v": kv, "mask": ("batch", "cache_len"),
           "pos": ("batch", "cache_len"), "index": ()}
 
@@ -309,13 +326,14 @@ def _attention_mask(q_seg, q_pos, k_seg, k_pos, q_slot, k_slot, cfg):
 
 
 def _attend(cfg: ModelConfig, q_BxTxHxDh, blocks):
-  """Softmax attention over one or more key blocks [(k, v, mask_BxTxS), ...],
-  normalised jointly (f32 scores), as if the blocks were concatenated."""
+  """Softmax attention over one or more key blocks [(k_BxKxSxDh, v_BxKxSxDh,
+  mask_BxTxS), ...], normalised jointly (f32 scores), as if the blocks were
+  concatenated."""
   B, T = q_BxTxHxDh.shape[:2]
   K, G = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   q = q_BxTxHxDh.reshape(B, T, K, G, cfg.head_dim)
   scores = [jnp.where(mask[:, None, None],
-                      jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+                      jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
                       * (cfg.head_dim ** -0.5),
                       jnp.finfo(jnp.float32).min)
             for k, _, mask in blocks]
@@ -323,7 +341,7 @@ def _attend(cfg: ModelConfig, q_BxTxHxDh, blocks):
   out, offset = 0.0, 0
   for (k, v, _), sc in zip(blocks, scores):
     width = sc.shape[-1]
-    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., offset:offset + width], v)
+    out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., offset:offset + width], v)
     offset += width
   return out.reshape(B, T, cfg.num_heads, cfg.head_dim)
 
@@ -350,9 +368,10 @@ def _pin(x, last: str):
 
 
 def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None, lora=None):
-  """One pre-norm block; returns (x, (k, v)) with this call's keys/values.
+  """One pre-norm block; returns (x, (k_BxKxTxDh, v_BxKxTxDh)), this call's
+  keys/values in the cache's layout.
 
-  `cached` is None or (k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS): earlier cache
+  `cached` is None or (k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS): earlier cache
   slots the T new tokens also attend to. The cache itself is written by the
   caller, one slot range per call, so a decode step never copies it.
   """
@@ -366,6 +385,7 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, cos, sin, self_mask_BxTxT, cached=None,
   if cfg.qk_norm:
     q, k = rms_norm(q, p["q_norm"], cfg), rms_norm(k, p["k_norm"], cfg)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
   blocks = [(k, v, self_mask_BxTxT)]
   if cached is not None:
@@ -407,7 +427,7 @@ def embed_tokens(params: Params, tokens_BxT, cfg: ModelConfig):
 def _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg, lora_layers,
                  lora_scale, *, keep_kv: bool):
   """All layers without a cache; with keep_kv, also every layer's k and v
-  stacked [L, B, T, K, Dh] (for filling a cache)."""
+  stacked [L, B, K, T, Dh] (for filling a cache)."""
   T = x.shape[1]
   slots = jnp.arange(T)
   self_mask = _attention_mask(segment_ids_BxT, positions_BxT, segment_ids_BxT, positions_BxT,
@@ -436,7 +456,7 @@ def prefill(params: Params, tokens_BxT, *, cfg: ModelConfig, positions_BxT, segm
   pad = cache_len - T
   if pad < 0:
     raise ValueError(f"prefill: cache_len={cache_len} is shorter than the prompt ({T})")
-  kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+  kv_pad = ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))
   cache = {
       "k": jnp.pad(k.astype(cfg.compute_dtype), kv_pad),
       "v": jnp.pad(v.astype(cfg.compute_dtype), kv_pad),
@@ -489,21 +509,27 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
   old_mask = _attention_mask(q_seg, positions_BxT, cache["mask"].astype(jnp.int32), cache["pos"],
                              jnp.full((T,), S), jnp.arange(S), cfg)
 
-  def body(carry, p_i):
-    x, k_cache, v_cache = carry
-    p, l, i = p_i
-    x, (k_new, v_new) = _layer(cfg, x, p, cos, sin, self_mask, (k_cache[i], v_cache[i], old_mask),
-                               lora=(l, lora_scale) if l else None)
-    at = (i, 0, start, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None].astype(k_cache.dtype), at)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None].astype(v_cache.dtype), at)
-    return (x, k_cache, v_cache), None
+  # The loop runs over layer indices and reads each layer's weights and cache
+  # in place (a dynamic slice), and the new slots are written after it in one
+  # update per tensor. Two alternatives cost whole copies on every decode
+  # step: scanning over the weights and cache as loop inputs makes a vmapped
+  # population transpose them all ([A, L, ...] -> [L, A, ...]), and updating
+  # a loop-carried cache makes XLA copy all of it on every layer.
+  layer = lambda tree, i: jax.tree.map(  # noqa: E731
+      lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
-  (x, k_new, v_new), _ = jax.lax.scan(
-      body, (x, cache["k"], cache["v"]),
-      (params["layers"], lora_layers, jnp.arange(cfg.num_layers)))
+  def body(x, i):
+    l = layer(lora_layers, i)
+    cached = (layer(cache["k"], i), layer(cache["v"], i), old_mask)
+    x, (k_new, v_new) = _layer(cfg, x, layer(params["layers"], i), cos, sin, self_mask, cached,
+                               lora=(l, lora_scale) if l else None)
+    return x, (k_new.astype(cache["k"].dtype), v_new.astype(cache["v"].dtype))
+
+  x, (k_new, v_new) = jax.lax.scan(body, x, jnp.arange(cfg.num_layers))
+  at = (0, 0, 0, start, 0)
   new_cache = {
-      "k": k_new, "v": v_new,
+      "k": jax.lax.dynamic_update_slice(cache["k"], k_new, at),
+      "v": jax.lax.dynamic_update_slice(cache["v"], v_new, at),
       "mask": jax.lax.dynamic_update_slice_in_dim(cache["mask"], valid, start, axis=1),
       "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT, start, axis=1),
       "index": start + T,

@@ -72,7 +72,21 @@ class TopK:
 
 @dataclasses.dataclass(frozen=True)
 class TopP:
-  """Nucleus: the smallest set of top tokens whose probability reaches p."""
+  """Nucleus: the smallest set of top tokens whose probability reaches p.
+
+  `process` defines the nucleus with a sort (a token is kept when the mass of
+  the tokens before it is < p). Drawing from it needs no sort, which matters:
+  sorting [rows, 152k] logits every decode step costs more than the model's
+  forward. A draw is the Gumbel-max over the nucleus, argmax of logits + noise
+  over the kept tokens, and `draw_rows` finds it by rounds: take the argmax
+  above a floor; if the mass strictly above that token is < p it is in the
+  nucleus, and being the largest above the floor, it is the answer; otherwise
+  neither it nor any token below it is in the nucleus, so the floor rises to
+  it. One noise draw serves every round, so the token equals the sorted
+  nucleus's draw from the same noise. Each round is two passes over the
+  vocabulary; a handful suffice even for 256 rows. Tokens tied with the last
+  one kept are all kept (the sort keeps them in index order).
+  """
   p: float
 
   def __post_init__(self):
@@ -89,6 +103,31 @@ class TopP:
     keep = jnp.zeros_like(keep_sorted).at[
         jnp.arange(logits_BxV.shape[0])[:, None], order].set(keep_sorted)
     return jnp.where(keep, logits_BxV, _NEG)
+
+  def draw_rows(self, logits_RxV, proposal_RxV, keys_R):
+    """One token per row from the nucleus of softmax(logits_RxV), weighted by
+    softmax(proposal_RxV) (the steps after this one in a chain; they keep the
+    top token); row r's noise is gumbel(keys_R[r])."""
+    R, V = logits_RxV.shape
+    probs_RxV = jax.nn.softmax(logits_RxV, axis=-1)
+    perturbed_RxV = proposal_RxV + _gumbel_rows(keys_R, V)
+
+    def body(carry):
+      n, done_R, tok_R, floor_R = carry
+      above_floor = logits_RxV > floor_R[:, None]
+      cand_R = jnp.argmax(jnp.where(above_floor, perturbed_RxV, _NEG), axis=-1).astype(jnp.int32)
+      cand_logit_Rx1 = jnp.take_along_axis(logits_RxV, cand_R[:, None], axis=-1)
+      mass_above_R = jnp.sum(jnp.where(logits_RxV > cand_logit_Rx1, probs_RxV, 0.0), axis=-1)
+      # Written so that NaN logits (a diverged model) accept and end the loop.
+      accept_R = ~done_R & ~(mass_above_R >= self.p)
+      tok_R = jnp.where(accept_R, cand_R, tok_R)
+      floor_R = jnp.where(done_R | accept_R, floor_R, cand_logit_Rx1[:, 0])
+      return n + 1, done_R | accept_R, tok_R, floor_R
+
+    carry = (jnp.zeros((), jnp.int32), jnp.zeros((R,), jnp.bool_), jnp.zeros((R,), jnp.int32),
+             jnp.full((R,), _NEG, logits_RxV.dtype))
+    # Each rejection drops at least one token, so V rounds always suffice.
+    return jax.lax.while_loop(lambda c: (c[0] < V) & ~jnp.all(c[1]), body, carry)[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,18 +172,51 @@ def from_flags(*, temperature: float, top_k: int = 0, top_p: float = 1.0,
   return steps[0] if len(steps) == 1 else Chain(tuple(steps))
 
 
-def draw(method, logits_BxV, key):
-  """One token per row (all rows from `key`; the sampler keys rows separately)."""
+def _gumbel_rows(keys_R, V: int):
+  """Row r's Gumbel noise, gumbel(keys_R[r], (V,)): argmax(logits + noise) is
+  then exactly jax.random.categorical(keys_R[r], logits)."""
+  return jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys_R)
+
+
+def _apply(steps, logits_BxV):
+  for step in steps:
+    logits_BxV = step.process(logits_BxV)
+  return logits_BxV
+
+
+def draw_rows(method, logits_RxV, keys_R):
+  """One token per row, the Gumbel-max of the method's distribution with row
+  r's noise from keys_R[r] alone.
+
+  A chain's last TopP finds its nucleus's draw without a sort (see TopP); the
+  steps after it (temperature, top-k, min-p) are applied to the logits before
+  the nucleus instead of after it, which gives the same draw: each keeps the
+  top token and keeps exactly the nucleus tokens it would keep after it."""
   if isinstance(method, Greedy):
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, method.process(logits_BxV.astype(jnp.float32))).astype(jnp.int32)
+    return jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
+  logits_RxV = logits_RxV.astype(jnp.float32)
+  steps = method.steps if isinstance(method, Chain) else (method,)
+  nuclei = [i for i, step in enumerate(steps) if isinstance(step, TopP)]
+  if not nuclei:
+    noise_RxV = _gumbel_rows(keys_R, logits_RxV.shape[-1])
+    return jnp.argmax(_apply(steps, logits_RxV) + noise_RxV, axis=-1).astype(jnp.int32)
+  last = nuclei[-1]
+  before = _apply(steps[:last], logits_RxV)
+  return steps[last].draw_rows(before, _apply(steps[last + 1:], before), keys_R)
+
+
+def draw(method, logits_BxV, key):
+  """One token per row, row b from fold_in(key, b)."""
+  keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BxV.shape[0]))
+  return draw_rows(method, logits_BxV, keys_B)
 
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
   """tokens i32[A, R, N] (pad after the stop), logprobs f32[A, R, N] (the
   model's log-softmax at each drawn token), lengths i32[A, R] (stop
-  included), steps i32[A] (decode-loop iterations run). R = B * num_samples,
+  included), steps i32[A] (decode-loop iterations run: the same for every
+  agent, the loop runs until all rows stop). R = B * num_samples,
   prompt-major: row b * num_samples + s is sample s of prompt b."""
   tokens: jax.Array
   logprobs: jax.Array
@@ -169,45 +241,35 @@ def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cach
   return {"cache": cache, "logits": rows(logits, 0), "next_pos": rows(positions[:, -1] + 1, 0)}
 
 
-def _decode_one(params: Params, state, key, row_ids, *, cfg: ModelConfig, method,
-                max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
-  """The decode loop for one agent; exits when every row has stopped."""
-  N = max_new_tokens
-  stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+def _start_one(state, key, row_ids, *, max_new_tokens: int, pad_id: int):
+  """One agent's loop state before the first step, and its rows' keys."""
+  R, N = row_ids.shape[0], max_new_tokens
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+  cache = {k: v for k, v in state["cache"].items() if k != "index"}
+  return (jnp.full((R, N), pad_id, jnp.int32), jnp.zeros((R, N), jnp.float32),
+          jnp.zeros((R,), jnp.bool_), state["logits"], state["next_pos"], cache), row_keys
 
-  def cond(carry):
-    step, _, _, done, _, _, _ = carry
-    return (step < N) & ~jnp.all(done)
 
-  def body(carry):
-    step, tokens, logprobs, done, logits, pos, cache = carry
-    if isinstance(method, Greedy):
-      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-      processed = method.process(logits.astype(jnp.float32))
-      tok = jax.vmap(jax.random.categorical)(step_keys, processed).astype(jnp.int32)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-    tok = jnp.where(done, pad_id, tok)
-    lp = jnp.where(done, 0.0, lp)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
-    logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
-    done = done | jnp.isin(tok, stops)
-    hidden, cache = model.forward_hidden(params, tok[:, None], cfg=cfg,
-                                         positions_BxT=pos[:, None], cache=cache)
-    logits = model.logits_from_hidden(params, hidden, cfg)[:, 0]
-    return step + 1, tokens, logprobs, done, logits, pos + 1, cache
-
-  R = row_ids.shape[0]
-  carry = (jnp.zeros((), jnp.int32), jnp.full((R, N), pad_id, jnp.int32),
-           jnp.zeros((R, N), jnp.float32), jnp.zeros((R,), jnp.bool_), state["logits"],
-           state["next_pos"], state["cache"])
-  steps, tokens, logprobs, _, logits, pos, cache = jax.lax.while_loop(cond, body, carry)
-  is_stop = jnp.isin(tokens, stops)
-  lengths = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, N)
-  final = {"cache": cache, "logits": logits, "next_pos": pos}
-  return (tokens, logprobs, lengths.astype(jnp.int32), steps), final
+def _step_one(params: Params, carry, row_keys, step, index, *, cfg: ModelConfig, method, stops,
+              pad_id: int):
+  """One decode step of one agent: draw a token for every row, then feed it
+  to cache slot `index`. Rows that have stopped emit padding and their
+  outputs are discarded. The slot is shared by all agents (not vmapped), so
+  the cache update stays an in-place slice update instead of a scatter."""
+  tokens, logprobs, done, logits, pos, cache = carry
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+  tok = draw_rows(method, logits, step_keys)
+  lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+  tok = jnp.where(done, pad_id, tok)
+  lp = jnp.where(done, 0.0, lp)
+  tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+  logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
+  done = done | jnp.isin(tok, stops)
+  hidden, cache = model.forward_hidden(params, tok[:, None], cfg=cfg,
+                                       positions_BxT=pos[:, None], cache={**cache, "index": index})
+  logits = model.logits_from_hidden(params, hidden, cfg)[:, 0]
+  cache.pop("index")
+  return tokens, logprobs, done, logits, pos + 1, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples",
@@ -229,16 +291,42 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
            spmd_axis_name: str | None = None) -> tuple[Samples, dict]:
   """Decode every agent from `prefill`'s state. The state is donated and the
   final state returned, so the loop updates the cache in the donated buffers
-  instead of copying them first."""
+  instead of copying them first.
+
+  One `while_loop` runs the agent-vmapped step until every row of every agent
+  has stopped. (A vmapped per-agent loop would run just as many steps, since
+  the agents run in lockstep, and would also select between the old and new
+  cache of every agent on every step, reading and writing the whole cache.)"""
   A = jax.tree.leaves(pop)[0].shape[0]
+  N = max_new_tokens
   if row_ids is None:
     row_ids = jnp.arange(state["logits"].shape[1])
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(A))
-  fn = functools.partial(_decode_one, cfg=cfg, method=method, max_new_tokens=max_new_tokens,
-                         stop_ids=stop_ids, pad_id=pad_id)
-  samples, final = jax.vmap(fn, in_axes=(0, 0, 0, None),
-                            spmd_axis_name=spmd_axis_name)(pop, state, keys, row_ids)
-  return Samples(*samples), final
+  stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+  start = functools.partial(_start_one, max_new_tokens=N, pad_id=pad_id)
+  carry, row_keys = jax.vmap(start, in_axes=(0, 0, None),
+                             spmd_axis_name=spmd_axis_name)(state, keys, row_ids)
+  step_all = jax.vmap(functools.partial(_step_one, cfg=cfg, method=method, stops=stops,
+                                        pad_id=pad_id),
+                      in_axes=(0, 0, 0, None, None), spmd_axis_name=spmd_axis_name)
+  # Every agent's prompts were prefilled to the same slot.
+  index = state["cache"]["index"][0]
+
+  def cond(c):
+    step, (_, _, done, *_) = c
+    return (step < N) & ~jnp.all(done)
+
+  def body(c):
+    step, carry = c
+    return step + 1, step_all(pop, carry, row_keys, step, index + step)
+
+  steps, (tokens, logprobs, _, logits, pos, cache) = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), carry))
+  is_stop = jnp.isin(tokens, stops)
+  lengths = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1, N)
+  samples = Samples(tokens, logprobs, lengths.astype(jnp.int32), jnp.full((A,), steps))
+  cache["index"] = jnp.full((A,), index + steps)
+  return samples, {"cache": cache, "logits": logits, "next_pos": pos}
 
 
 def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,

@@ -1,6 +1,8 @@
 """Host-side generation: chunking/bucketing invariance, stop strings, per-agent prompts."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from maft_jax import generation, model, population, sampling
@@ -65,6 +67,22 @@ def test_per_agent_prompts(setup):
   with pytest.raises(ValueError, match="3 prompt lists for a population of 2"):
     gen.generate(pop, [PROMPTS[:1]] * 3, options=opts)
   assert gen.generate(pop, [], options=opts) == [[], []]
+
+
+def test_f32_masters_sample_as_their_compute_dtype_copy(setup):
+  # The generator samples from one bf16 copy of f32 masters; the forward
+  # casts on use, so the tokens equal sampling the masters directly.
+  pop, tok = setup
+  cfg = model.ModelConfig(**{**CFG.to_dict(), "dtype": "bfloat16"})
+  copy = model.for_compute(pop, cfg)
+  assert copy["layers"]["wq"].dtype == jnp.bfloat16 and copy["embed"].dtype == jnp.bfloat16
+  assert copy["final_norm"].dtype == jnp.float32
+  tokens, mask = sampling.left_pad(tok.encode_batch(PROMPTS), pad_id=0)
+  kw = dict(cfg=cfg, method=sampling.Temperature(1.0), max_new_tokens=6, pad_id=0)
+  direct = sampling.sample(pop, tokens, mask, jax.random.key(3), **kw)
+  cast = sampling.sample(copy, tokens, mask, jax.random.key(3), **kw)
+  np.testing.assert_array_equal(direct.tokens, cast.tokens)
+  np.testing.assert_array_equal(direct.logprobs, cast.logprobs)
 
 
 def test_stop_strings_cut_text_and_tokens(setup):

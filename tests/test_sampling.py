@@ -44,6 +44,13 @@ def _expected(method):
     sampling.Chain((sampling.Temperature(1.0), sampling.TopP(0.75))),
     sampling.Chain((sampling.Temperature(1.0), sampling.MinP(0.5))),
     sampling.Chain((sampling.Temperature(2.0), sampling.TopK(5), sampling.TopP(0.9))),
+    # Steps after the nucleus weight its rejection proposals; they must give
+    # what applying them to the nucleus gives.
+    sampling.Chain((sampling.TopP(0.85), sampling.Temperature(0.5))),
+    sampling.Chain((sampling.TopP(0.85), sampling.MinP(0.3))),
+    sampling.Chain((sampling.TopP(0.85), sampling.TopK(2))),
+    # Two nuclei: the first by its sort, the second by rejection.
+    sampling.Chain((sampling.TopP(0.95), sampling.Temperature(0.5), sampling.TopP(0.8))),
 ])
 def test_empirical_frequencies_match(method):
   n = 40_000
@@ -55,6 +62,27 @@ def test_empirical_frequencies_match(method):
   support = expected > 0
   _, pvalue = stats.chisquare(counts[support], n * expected[support])
   assert pvalue > 1e-3, (counts, n * expected)
+
+
+@pytest.mark.parametrize("method", [
+    sampling.TopP(0.9),
+    sampling.Chain((sampling.TopP(0.8), sampling.Temperature(0.7), sampling.MinP(0.05))),
+])
+def test_nucleus_draw_equals_the_sorted_nucleus_draw(method):
+  # 2048 rows of 512-token vocabularies from flat to peaked (the peaked ones
+  # take several rounds): the sort-free draw must be, token for token, the
+  # Gumbel-max over the nucleus TopP.process computes with a sort, from the
+  # same noise, i.e. jax.random.categorical of the sorted chain's logits.
+  rows, vocab = 2048, 512
+  scale = jnp.geomspace(0.01, 20.0, rows)[:, None]
+  logits = jax.random.normal(jax.random.key(3), (rows, vocab)) * scale
+  keys = jax.random.split(jax.random.key(4), rows)
+  tok = np.asarray(jax.jit(sampling.draw_rows, static_argnums=0)(method, logits, keys))
+  reference = np.asarray(jax.vmap(jax.random.categorical)(keys, method.process(logits)))
+  np.testing.assert_array_equal(tok, reference)
+  # A diverged model's NaN logits must not hang the rounds.
+  nan = sampling.draw_rows(method, jnp.full((2, vocab), jnp.nan), keys[:2])
+  assert nan.shape == (2,)
 
 
 def test_greedy_is_argmax_and_flags():
@@ -131,8 +159,8 @@ def test_stops_padding_lengths_and_early_exit():
       assert lengths[a, r] == n
       np.testing.assert_array_equal(got[a, r, :n], free_tokens[a, r, :n])
       assert np.all(got[a, r, n:] == 0)
-  # The loop ran only until the agent's last row stopped.
-  np.testing.assert_array_equal(np.asarray(out.steps), lengths.max(axis=1))
+  # The loop ran only until the last row of any agent stopped.
+  np.testing.assert_array_equal(np.asarray(out.steps), [lengths.max()] * 2)
   assert np.asarray(out.steps).max() <= 3
 
 

@@ -172,12 +172,27 @@ def bench_sample():
   print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {'vs sequential':>14} {'seconds':>8}")
   for A, tps, frac, ratio, t in rows:
     print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {ratio:>13.2f}x {t:>8.3f}")
+  print(top_p_line(method, rows=4 * B, vocab=cfg.vocab_size, repeats=repeats))
   if _PEER.value:
     A_ref = 4 if 4 in agents else agents[-1]
     peer = run_peer(_ARCH.value, A_ref, B, T, N)
     ours = dict((r[0], r[1]) for r in rows)[A_ref]
     if peer:
       print(f"peer ratio at A={A_ref}: {ours:,.0f} / {peer:,.0f} = {ours / peer:.1f}x")
+
+
+def top_p_line(method, *, rows: int, vocab: int, repeats: int) -> str:
+  """One draw per row of [rows, vocab] logits, by the sampler's sort-free
+  rounds and by a sort (categorical of the sorted nucleus): what a decode
+  step of 4 agents spends choosing its tokens."""
+  logits = jax.random.normal(jax.random.key(3), (rows, vocab), jnp.float32)
+  keys = jax.random.split(jax.random.key(4), rows)
+  rounds = jax.jit(lambda l, k: sampling.draw_rows(method, l, k))
+  sort = jax.jit(lambda l, k: jax.vmap(jax.random.categorical)(k, method.process(l)))
+  t_rounds = median_time(lambda: rounds(logits, keys), repeats)
+  t_sort = median_time(lambda: sort(logits, keys), repeats)
+  return (f"top-p draw of [{rows}, {vocab}] logits: {t_rounds * 1e3:.2f} ms by rounds, "
+          f"{t_sort * 1e3:.2f} ms with a sort")
 
 
 DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0}

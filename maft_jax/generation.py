@@ -87,9 +87,6 @@ def stop_cut(text: str, options: Options) -> int | None:
   return min(cuts) if cuts else None
 
 
-_for_compute = jax.jit(model.for_compute, static_argnames="cfg")
-
-
 class Generator:
   """Generates for a population with one tokenizer; remembers compiled shapes."""
 
@@ -133,8 +130,7 @@ class Generator:
     S, N = options.num_samples, options.max_new_tokens
     # One compute-dtype copy for the whole call (f32 masters would be read,
     # at twice the bytes, on every decode step); it is freed on return.
-    if any(leaf.dtype != self.cfg.compute_dtype for leaf in jax.tree.leaves(pop)):
-      pop = _for_compute(pop, cfg=self.cfg)
+    pop = model.for_compute(pop, self.cfg)
     lengths = np.array([max(len(g[p]) for g in ids) for p in range(P)])
     order = np.argsort(-lengths, kind="stable")  # long prompts first: least padding
     stop_ids = tuple(sorted(set(self.tok.eos_ids) | set(options.extra_stop_ids)))

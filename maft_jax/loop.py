@@ -770,7 +770,7 @@ def memory_plan(plan: Plan, *, capacity: int, compile: bool = True,
       prompt_len=plan.sft.seq_len - new_tokens, max_new_tokens=new_tokens,
       train_batch=plan.sft.batch_size, grad_accum=plan.sft.grad_accum, seq_len=plan.sft.seq_len,
       hyper=plan.sft.hyper, lora_config=plan.sft.lora, capacity=capacity, compile=compile,
-      log=log)
+      methods=(plan.debate_options.method, plan.eval_options.method), log=log)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +117,10 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
                 sample_batch: int, prompt_len: int, max_new_tokens: int,
                 train_batch: int, grad_accum: int, seq_len: int, hyper: finetune.Hyper,
                 lora_config: lora.LoraConfig | None, capacity: int, compile: bool = True,
+                methods: Sequence = (sampling.Temperature(1.0),),
                 log: Callable[[str], None] = lambda m: None) -> MemoryPlan:
-  """The plan of one MAFT run (see the module docstring)."""
+  """The plan of one MAFT run (see the module docstring); decode is compiled
+  once per distinct sampling method (top-p adds [rows, vocab] temporaries)."""
   A = agents
   pop_abs = population.shapes(cfg, A)
   pop = _placed(pop_abs, sharding.shardings(population.axes(cfg), pop_abs, mesh))
@@ -181,10 +183,9 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
         jax.eval_shape(lambda p, t, m: sampling.prefill(p, t, m, cfg=cfg, cache_len=cache_len),
                        weights_abs, prompts, mask),
         prefill.output_shardings)
-    decode = sampling.decode.lower(weights, state_out, jax.random.key(0), cfg=cfg,
-                                   method=sampling.from_flags(temperature=1.0, top_k=0,
-                                                              top_p=1.0, min_p=0.0),
-                                   max_new_tokens=max_new_tokens,
-                                   spmd_axis_name="agent").compile()
+    decode_temp = max(_temp(sampling.decode.lower(
+        weights, state_out, jax.random.key(0), cfg=cfg, method=method,
+        max_new_tokens=max_new_tokens, spmd_axis_name="agent").compile())
+        for method in dict.fromkeys(methods))
   return dataclasses.replace(result, train_temp=train_temp,
-                             sample_temp=max(_temp(prefill), _temp(decode)))
+                             sample_temp=max(_temp(prefill), decode_temp))

@@ -196,12 +196,14 @@ def for_compute(params: Params, cfg: ModelConfig) -> Params:
   (norm weights stay as stored: the forward casts those itself, Gemma's in
   f32). Forward passes on either give identical results; sampling casts once
   per call with this instead of reading f32 masters on every decode step,
-  which would double its memory traffic."""
+  which would double its memory traffic. Only narrowing casts are made (bf16
+  weights with an f32 compute dtype stay as they are), leaf by leaf, each
+  keeping its sharding; leaves not cast are the same arrays."""
   dt = cfg.compute_dtype
 
   def cast(path, a):
-    keep = str(getattr(path[-1], "key", "")).endswith("norm") or a.dtype == dt
-    return a if keep else a.astype(dt)
+    norm = str(getattr(path[-1], "key", "")).endswith("norm")
+    return a if norm or a.dtype.itemsize <= dt.itemsize else a.astype(dt)
 
   return jax.tree_util.tree_map_with_path(cast, params)
 

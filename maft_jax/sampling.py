@@ -72,20 +72,21 @@ class TopK:
 
 @dataclasses.dataclass(frozen=True)
 class TopP:
-  """Nucleus: the smallest set of top tokens whose probability reaches p.
+  """Nucleus: the smallest set of top tokens whose probability reaches p;
+  a token is kept when the mass of the tokens strictly above it is < p (the
+  top one always; tokens tied with the last one kept are all kept).
 
-  `process` defines the nucleus with a sort (a token is kept when the mass of
-  the tokens before it is < p). Drawing from it needs no sort, which matters:
-  sorting [rows, 152k] logits every decode step costs more than the model's
-  forward. A draw is the Gumbel-max over the nucleus, argmax of logits + noise
-  over the kept tokens, and `draw_rows` finds it by rounds: take the argmax
-  above a floor; if the mass strictly above that token is < p it is in the
-  nucleus, and being the largest above the floor, it is the answer; otherwise
-  neither it nor any token below it is in the nucleus, so the floor rises to
-  it. One noise draw serves every round, so the token equals the sorted
-  nucleus's draw from the same noise. Each round is two passes over the
-  vocabulary; a handful suffice even for 256 rows. Tokens tied with the last
-  one kept are all kept (the sort keeps them in index order).
+  `process` finds the nucleus with a sort. Drawing from it needs no sort,
+  which matters: sorting [rows, 152k] logits every decode step costs more
+  than the model's forward. A draw is the Gumbel-max over the nucleus (argmax
+  of logits + noise over the kept tokens), and `draw_rows` finds it by
+  rounds: take the argmax above a floor; if the mass strictly above that
+  token is < p, it is in the nucleus and, being the largest above the floor,
+  it is the answer; otherwise neither it nor any token below it is in the
+  nucleus, so the floor rises to it. One noise draw serves every round, so
+  the token is the one the sorted nucleus gives with the same noise (up to
+  float rounding of the masses at the nucleus's edge). Each round is two
+  passes over the vocabulary; a handful suffice even for 256 rows.
   """
   p: float
 
@@ -94,22 +95,22 @@ class TopP:
       raise ValueError(f"TopP.p={self.p} must be in (0, 1]")
 
   def process(self, logits_BxV):
-    order = jnp.argsort(-logits_BxV, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits_BxV, order, axis=-1)
+    sorted_logits = -jnp.sort(-logits_BxV, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token if the mass strictly before it is < p (the top one always).
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < self.p
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits_BxV.shape[0])[:, None], order].set(keep_sorted)
-    return jnp.where(keep, logits_BxV, _NEG)
+    # The last kept token's logit; every token at least as large is kept.
+    kept = jnp.sum(mass_before < self.p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, jnp.maximum(kept, 1) - 1, axis=-1)
+    return jnp.where(logits_BxV >= threshold, logits_BxV, _NEG)
 
   def draw_rows(self, logits_RxV, proposal_RxV, keys_R):
     """One token per row from the nucleus of softmax(logits_RxV), weighted by
     softmax(proposal_RxV) (the steps after this one in a chain; they keep the
     top token); row r's noise is gumbel(keys_R[r])."""
     R, V = logits_RxV.shape
-    probs_RxV = jax.nn.softmax(logits_RxV, axis=-1)
+    # Probabilities are recomputed inside each round's sum rather than kept:
+    # one pass over the logits per round instead of writing and reading [R, V].
+    lse_Rx1 = jax.nn.logsumexp(logits_RxV, axis=-1, keepdims=True)
     perturbed_RxV = proposal_RxV + _gumbel_rows(keys_R, V)
 
     def body(carry):
@@ -117,7 +118,8 @@ class TopP:
       above_floor = logits_RxV > floor_R[:, None]
       cand_R = jnp.argmax(jnp.where(above_floor, perturbed_RxV, _NEG), axis=-1).astype(jnp.int32)
       cand_logit_Rx1 = jnp.take_along_axis(logits_RxV, cand_R[:, None], axis=-1)
-      mass_above_R = jnp.sum(jnp.where(logits_RxV > cand_logit_Rx1, probs_RxV, 0.0), axis=-1)
+      above_RxV = logits_RxV > cand_logit_Rx1
+      mass_above_R = jnp.sum(jnp.where(above_RxV, jnp.exp(logits_RxV - lse_Rx1), 0.0), axis=-1)
       # Written so that NaN logits (a diverged model) accept and end the loop.
       accept_R = ~done_R & ~(mass_above_R >= self.p)
       tok_R = jnp.where(accept_R, cand_R, tok_R)
@@ -140,9 +142,12 @@ class MinP:
       raise ValueError(f"MinP.p={self.p} must be in [0, 1]")
 
   def process(self, logits_BxV):
-    probs = jax.nn.softmax(logits_BxV, axis=-1)
-    threshold = self.p * jnp.max(probs, axis=-1, keepdims=True)
-    return jnp.where(probs < threshold, _NEG, logits_BxV)
+    # probs < p * max(probs), written without the normalisation so that it
+    # gives the same set before or after another step masks the tail.
+    if self.p == 0:
+      return logits_BxV
+    top = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    return jnp.where(logits_BxV - top < np.log(self.p), _NEG, logits_BxV)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +196,8 @@ def draw_rows(method, logits_RxV, keys_R):
   A chain's last TopP finds its nucleus's draw without a sort (see TopP); the
   steps after it (temperature, top-k, min-p) are applied to the logits before
   the nucleus instead of after it, which gives the same draw: each keeps the
-  top token and keeps exactly the nucleus tokens it would keep after it."""
+  top token and keeps exactly the nucleus tokens it would keep after it
+  (min-p compares logits with the top one, so masking does not move it)."""
   if isinstance(method, Greedy):
     return jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
   logits_RxV = logits_RxV.astype(jnp.float32)
@@ -259,7 +265,9 @@ def _step_one(params: Params, carry, row_keys, step, index, *, cfg: ModelConfig,
   tokens, logprobs, done, logits, pos, cache = carry
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
   tok = draw_rows(method, logits, step_keys)
-  lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+  # log_softmax at the drawn token, without an [R, V] log_softmax array.
+  lp = (jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
+        - jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
   tok = jnp.where(done, pad_id, tok)
   lp = jnp.where(done, 0.0, lp)
   tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
@@ -296,7 +304,9 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   One `while_loop` runs the agent-vmapped step until every row of every agent
   has stopped. (A vmapped per-agent loop would run just as many steps, since
   the agents run in lockstep, and would also select between the old and new
-  cache of every agent on every step, reading and writing the whole cache.)"""
+  cache of every agent on every step, reading and writing the whole cache.)
+  In the final state, agents that stopped early hold padding in the slots
+  after their stop; `index`, `next_pos` and `logits` are after the last step."""
   A = jax.tree.leaves(pop)[0].shape[0]
   N = max_new_tokens
   if row_ids is None:

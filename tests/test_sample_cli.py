@@ -83,6 +83,7 @@ def test_bench_sample_tiny_runs():
   assert "ceilings:" in proc.stdout
   row = [l for l in proc.stdout.splitlines() if l.strip().startswith("2 ")]
   assert len(row) == 1 and "%" in row[0] and "x" in row[0]
+  assert "top-p draw of [16, 512] logits:" in proc.stdout
 
 
 def test_bench_train_tiny_runs():

@@ -85,6 +85,20 @@ def test_nucleus_draw_equals_the_sorted_nucleus_draw(method):
   assert nan.shape == (2,)
 
 
+def test_nucleus_keeps_every_token_tied_with_its_last_one():
+  # Tokens 1-3 tie; the mass strictly above each (0.46) is < 0.5, so all three
+  # are kept whatever their index order, by the sort and by the rounds alike.
+  logits = jnp.asarray([[2.0, 1.0, 1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+  method = sampling.TopP(0.5)
+  kept = np.isfinite(np.asarray(method.process(logits)))
+  np.testing.assert_array_equal(kept, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+  keys = jax.random.split(jax.random.key(6), 4000)
+  draw = jax.jit(jax.vmap(lambda k: sampling.draw_rows(method, logits, jnp.stack([k, k]))))
+  sort = jax.jit(jax.vmap(lambda k: jax.vmap(jax.random.categorical, (None, 0))(
+      k, method.process(logits))))
+  np.testing.assert_array_equal(draw(keys), sort(keys))
+
+
 def test_greedy_is_argmax_and_flags():
   assert isinstance(sampling.from_flags(temperature=0), sampling.Greedy)
   tok = sampling.draw(sampling.Greedy(), jnp.asarray(LOGITS)[None], jax.random.key(0))

@@ -63,6 +63,9 @@ _BATCH = flags.DEFINE_integer("batch", None, "Prompts per agent (default 64; tin
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default 128; tiny 16).")
 _NEW = flags.DEFINE_integer("new_tokens", None, "New tokens (default 256; tiny 16).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
+_DUMP_HLO = flags.DEFINE_string(
+    "dump_hlo", None, "Write the compiled (optimised) HLO of the A=4 decode loop (sample) or "
+    "train step (train) here, gzipped: what the card's compiler made of it, to read offline.")
 _PEER_SCRIPT = flags.DEFINE_string(
     "peer_script", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench",
                                 "hf_generate_peer.py"), "The HF generate peer.")
@@ -70,6 +73,14 @@ _PEER_SCRIPT = flags.DEFINE_string(
 TINY_CFG = model.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4,
                              num_heads=4, num_kv_heads=2, head_dim=16, dtype="bfloat16",
                              param_dtype="bfloat16")
+
+
+def dump_hlo(lowered) -> None:
+  """Compile `lowered` again and write its optimised HLO to --dump_hlo."""
+  import gzip
+  with gzip.open(_DUMP_HLO.value, "wt") as f:
+    f.write(lowered.compile().as_text())
+  print(f"wrote the compiled HLO to {_DUMP_HLO.value}", flush=True)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -173,6 +184,12 @@ def bench_sample():
   for A, tps, frac, ratio, t in rows:
     print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {ratio:>13.2f}x {t:>8.3f}")
   print(top_p_line(method, rows=4 * B, vocab=cfg.vocab_size, repeats=repeats))
+  if _DUMP_HLO.value:
+    pop = population.shapes(cfg, 4)
+    state = jax.eval_shape(lambda p: sampling.prefill(p, prompts, mask, cfg=cfg,
+                                                      cache_len=T + N), pop)
+    dump_hlo(sampling.decode.lower(pop, state, jax.random.key(2), cfg=cfg, method=method,
+                                   max_new_tokens=N))
   if _PEER.value:
     A_ref = 4 if 4 in agents else agents[-1]
     peer = run_peer(_ARCH.value, A_ref, B, T, N)
@@ -277,6 +294,9 @@ def bench_train():
   for name, tps, mfu, ratio, mem in rows:
     ratio_s = "" if ratio != ratio else f"{ratio:.2f}x"
     print(f"{name:>14} {tps:>12,.0f} {mfu:>6.1%} {ratio_s:>14} {mem:>10}")
+  if _DUMP_HLO.value:
+    state = jax.eval_shape(lambda p: finetune.init_state(p, h, 100), population.shapes(cfg, 4))
+    dump_hlo(finetune.train_step.lower(state, batch_for(4), cfg=cfg, h=h))
   if _PEER.value and not _LORA_ONLY.value:
     script = os.path.join(os.path.dirname(os.path.abspath(_PEER_SCRIPT.value)),
                           "hf_train_peer.py")

@@ -9,7 +9,9 @@
 # sequential, LoRA rows, vs the compiled PyTorch peer); `lora8b`: LoRA rank 16
 # for 8 agents of a Llama-3-8B-shaped model on one card (memory and tok/s).
 # Wheels staged in .whl (../shared/bin/stage-wheels) are installed first.
-# Full logs go to $OUT (default /tmp/device_bench); the tails print last.
+# Full logs go to $OUT (default /tmp/device_bench), with the card's compiled
+# HLO of the decode loop and train step (gzipped, to check offline for copies
+# of weights or cache in the step); the tails print last.
 # TINY=1 runs the CPU-sized versions (a smoke test of this script).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_bench}
@@ -37,8 +39,8 @@ jobs_=("$@")
 [ ${#jobs_[@]} -eq 0 ] && jobs_=(sample train lora8b)
 for job in "${jobs_[@]}"; do
   case $job in
-    sample) bench sample --what=sample --peer ;;
-    train) bench train --what=train --peer ;;
+    sample) bench sample --what=sample --peer --dump_hlo="$OUT/decode_hlo.txt.gz" ;;
+    train) bench train --what=train --peer --dump_hlo="$OUT/train_hlo.txt.gz" ;;
     lora8b) bench lora8b --what=train --lora_only --arch=llama-3-8b --agents=8 --train_batch=4 \
                          --repeats=2 ;;
     *) echo "unknown job $job (sample, train, lora8b)" >&2; exit 2 ;;

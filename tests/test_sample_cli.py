@@ -1,5 +1,6 @@
 """launch.sample: greedy equals transformers' greedy generate; JSONL format."""
 
+import gzip
 import json
 
 import numpy as np
@@ -78,9 +79,13 @@ def test_library_never_imports_torch(hf_models):
                  env={**__import__("os").environ, "PYTHONPATH": cli.ROOT})
 
 
-def test_bench_sample_tiny_runs():
-  proc = cli.run("bench", "--what=sample", "--tiny", "--agents=2", "--repeats=1")
+def test_bench_sample_tiny_runs(tmp_path):
+  hlo = tmp_path / "decode_hlo.txt.gz"
+  proc = cli.run("bench", "--what=sample", "--tiny", "--agents=2", "--repeats=1",
+                 f"--dump_hlo={hlo}")
   assert "ceilings:" in proc.stdout
+  with gzip.open(hlo, "rt") as f:
+    assert f.read().startswith("HloModule")
   row = [l for l in proc.stdout.splitlines() if l.strip().startswith("2 ")]
   assert len(row) == 1 and "%" in row[0] and "x" in row[0]
   assert "top-p draw of [16, 512] logits:" in proc.stdout

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from maft_jax import distributed, model, sampling, sharding
+from maft_jax import distributed, sampling, sharding
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import answers
 
@@ -128,9 +128,6 @@ class Generator:
     ids = [[list(p) for p in g] if g and not isinstance(g[0], str)
            else self.encode(g, add_special_tokens=add_special_tokens) for g in groups]
     S, N = options.num_samples, options.max_new_tokens
-    # One compute-dtype copy for the whole call (f32 masters would be read,
-    # at twice the bytes, on every decode step); it is freed on return.
-    pop = model.for_compute(pop, self.cfg)
     lengths = np.array([max(len(g[p]) for g in ids) for p in range(P)])
     order = np.argsort(-lengths, kind="stable")  # long prompts first: least padding
     stop_ids = tuple(sorted(set(self.tok.eos_ids) | set(options.extra_stop_ids)))

@@ -9,9 +9,9 @@ XLA's memory analysis of the compiled train step and of the compiled
 prefill and decode programs, lowered from ShapeDtypeStructs (nothing is
 allocated or run). A run has two phases that never overlap on a device:
 
-  sampling  = parameters + their compute-dtype copy (when the compute dtype
-              differs: the sampler reads it instead of the f32 masters)
-              + KV cache + the larger of prefill/decode temporaries
+  sampling  = parameters + KV cache + the larger of prefill/decode temporaries
+              (decode's temporaries include its layer-major compute-dtype copy
+              of the weights, `sampling.decode_weights`)
   training  = parameters + optimizer state + train-step temporaries
 
 and the plan fits when the larger phase fits the device. When parameters,
@@ -40,7 +40,6 @@ class MemoryPlan:
   devices: int
   mesh: dict[str, int]
   params: int
-  sample_weights: int
   opt_state: int
   kv_cache: int
   train_temp: int | None
@@ -49,7 +48,7 @@ class MemoryPlan:
 
   @property
   def sampling(self) -> int:
-    return self.params + self.sample_weights + self.kv_cache + (self.sample_temp or 0)
+    return self.params + self.kv_cache + (self.sample_temp or 0)
 
   @property
   def training(self) -> int:
@@ -70,7 +69,6 @@ class MemoryPlan:
     return "\n".join([
         f"memory plan per device ({self.devices} devices, mesh {mesh}), GB:",
         f"  parameters (f32 master)   {gb(self.params)}",
-        f"  compute-dtype copy        {gb(self.sample_weights)}",
         f"  optimizer state           {gb(self.opt_state)}",
         f"  KV cache (sampling)       {gb(self.kv_cache)}",
         f"  train-step temporaries    {gb(self.train_temp)}",
@@ -125,12 +123,6 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
   pop_abs = population.shapes(cfg, A)
   pop = _placed(pop_abs, sharding.shardings(population.axes(cfg), pop_abs, mesh))
   params = _bytes(pop)
-  # What the sampler reads: the weights cast to the compute dtype, a copy
-  # made per sampling call (none when the dtypes already agree).
-  weights_abs = jax.eval_shape(lambda p: model.for_compute(p, cfg), pop_abs)
-  weights = _placed(weights_abs, sharding.shardings(population.axes(cfg), weights_abs, mesh))
-  sample_weights = sum(_bytes(w) for w, p in zip(jax.tree.leaves(weights), jax.tree.leaves(pop))
-                       if w.dtype != p.dtype)
 
   # Optimizer state: of the parameters, or of the per-agent adapters (LoRA).
   if lora_config is None:
@@ -151,7 +143,7 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
   kv_cache = _bytes(cache)
 
   result = MemoryPlan(devices=mesh.devices.size, mesh=dict(mesh.shape), params=params,
-                      sample_weights=sample_weights, opt_state=opt_state, kv_cache=kv_cache, train_temp=None,
+                      opt_state=opt_state, kv_cache=kv_cache, train_temp=None,
                       sample_temp=None, capacity=capacity)
   if not compile or result.peak > capacity:
     return result  # already too big (or not asked): nothing to compile
@@ -176,15 +168,15 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
     prompts = jax.ShapeDtypeStruct((sample_batch, prompt_len), jnp.int32, sharding=rows)
     mask = jax.ShapeDtypeStruct((sample_batch, prompt_len), jnp.bool_, sharding=rows)
     log("dry run: compiling prefill and decode")
-    prefill = sampling.prefill.lower(weights, prompts, mask, cfg=cfg, cache_len=cache_len,
+    prefill = sampling.prefill.lower(pop, prompts, mask, cfg=cfg, cache_len=cache_len,
                                      spmd_axis_name="agent").compile()
     state_out = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(lambda p, t, m: sampling.prefill(p, t, m, cfg=cfg, cache_len=cache_len),
-                       weights_abs, prompts, mask),
+                       pop_abs, prompts, mask),
         prefill.output_shardings)
     decode_temp = max(_temp(sampling.decode.lower(
-        weights, state_out, jax.random.key(0), cfg=cfg, method=method,
+        pop, state_out, jax.random.key(0), cfg=cfg, method=method,
         max_new_tokens=max_new_tokens, spmd_axis_name="agent").compile())
         for method in dict.fromkeys(methods))
   return dataclasses.replace(result, train_temp=train_temp,

@@ -491,19 +491,36 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
     positions_BxT = positions_from_segments(segment_ids_BxT)
   positions_BxT = positions_BxT.astype(jnp.int32)
 
+  if cache is not None:
+    hidden, entries = extend_hidden(params, tokens_BxT, cfg=cfg, positions_BxT=positions_BxT,
+                                    segment_ids_BxT=segment_ids_BxT, cache=cache, lora=lora,
+                                    lora_scale=lora_scale)
+    return hidden, write_cache(cache, entries)
+  x = embed_tokens(params, tokens_BxT, cfg)
+  cos, sin = rope_tables(cfg, positions_BxT, cfg.compute_dtype)
+  x, _ = _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg, lora_layers,
+                      lora_scale, keep_kv=False)
+  return rms_norm(x, params["final_norm"], cfg), None
+
+
+def extend_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig, cache, positions_BxT,
+                  segment_ids_BxT=None, lora=None, lora_scale: float = 1.0):
+  """Hidden states of T new tokens after the cache's valid slots, and their
+  cache entries {"k", "v": [L, B, K, T, Dh], "mask", "pos": [B, T]}, not yet
+  written (`write_cache`; the sampler writes them itself, outside its
+  agent vmap, so that the write stays an in-place slice update)."""
+  B, T = tokens_BxT.shape
+  lora_layers = {} if lora is None else lora
+  if segment_ids_BxT is None:
+    segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+  positions_BxT = positions_BxT.astype(jnp.int32)
   x = embed_tokens(params, tokens_BxT, cfg)
   cos, sin = rope_tables(cfg, positions_BxT, cfg.compute_dtype)
   slots = jnp.arange(T)
 
-  if cache is None:
-    x, _ = _scan_layers(params, x, cos, sin, segment_ids_BxT, positions_BxT, cfg, lora_layers,
-                        lora_scale, keep_kv=False)
-    return rms_norm(x, params["final_norm"], cfg), None
-
   # Cached tokens are one segment (1) per row; padding is segment 0. The new
   # tokens attend to every valid earlier slot (all slots < start) and, among
   # themselves, causally.
-  start = cache["index"]
   S = cache["mask"].shape[1]
   valid = segment_ids_BxT != 0
   q_seg = valid.astype(jnp.int32)
@@ -512,9 +529,9 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
                              jnp.full((T,), S), jnp.arange(S), cfg)
 
   # The loop runs over layer indices and reads each layer's weights and cache
-  # in place (a dynamic slice), and the new slots are written after it in one
-  # update per tensor. Two alternatives cost whole copies on every decode
-  # step: scanning over the weights and cache as loop inputs makes a vmapped
+  # in place (a dynamic slice); the new entries are its outputs, written
+  # after it. Two alternatives cost whole copies on every decode step:
+  # scanning over the weights and cache as loop inputs makes a vmapped
   # population transpose them all ([A, L, ...] -> [L, A, ...]), and updating
   # a loop-carried cache makes XLA copy all of it on every layer.
   layer = lambda tree, i: jax.tree.map(  # noqa: E731
@@ -528,15 +545,21 @@ def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig,
     return x, (k_new.astype(cache["k"].dtype), v_new.astype(cache["v"].dtype))
 
   x, (k_new, v_new) = jax.lax.scan(body, x, jnp.arange(cfg.num_layers))
+  entries = {"k": k_new, "v": v_new, "mask": valid, "pos": positions_BxT}
+  return rms_norm(x, params["final_norm"], cfg), entries
+
+
+def write_cache(cache, entries):
+  """`cache` with `extend_hidden`'s entries written at slots [index, index + T)."""
+  start, T = cache["index"], entries["mask"].shape[1]
   at = (0, 0, 0, start, 0)
-  new_cache = {
-      "k": jax.lax.dynamic_update_slice(cache["k"], k_new, at),
-      "v": jax.lax.dynamic_update_slice(cache["v"], v_new, at),
-      "mask": jax.lax.dynamic_update_slice_in_dim(cache["mask"], valid, start, axis=1),
-      "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT, start, axis=1),
+  return {
+      "k": jax.lax.dynamic_update_slice(cache["k"], entries["k"], at),
+      "v": jax.lax.dynamic_update_slice(cache["v"], entries["v"], at),
+      "mask": jax.lax.dynamic_update_slice_in_dim(cache["mask"], entries["mask"], start, axis=1),
+      "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], entries["pos"], start, axis=1),
       "index": start + T,
   }
-  return rms_norm(x, params["final_norm"], cfg), new_cache
 
 
 def logits_from_hidden(params: Params, hidden_BxTxD, cfg: ModelConfig):

@@ -234,6 +234,30 @@ jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "le
                                  meta_fields=[])
 
 
+# The decode loop reads the layer stack layer-major: the cache's k/v in the
+# decode state are [L, A, B, K, S, Dh] and `decode_weights` holds the layer
+# weights [L, A, ...]. Each layer's slice for every agent is then one
+# contiguous block. A slice of [A, L, ...] is strided, and a strided slice is
+# copied before a matmul reads it (XLA's dynamic-slice fusion, which lets a
+# matmul read a slice in place, takes contiguous slices only): every layer's
+# weights and cache, on every decode step.
+_KV_AXES = {"k": 1, "v": 1, "mask": 0, "pos": 0}
+STATE_AXES = {"cache": {**_KV_AXES, "index": 0}, "logits": 0, "next_pos": 0}
+
+
+def decode_weights(pop: Params, cfg: ModelConfig) -> Params:
+  """What the decode loop reads: `model.for_compute`'s cast (f32 masters
+  would be read at twice the bytes on every step), the layer stack moved
+  layer-major ([A, L, ...] -> [L, A, ...]). Made once per decode call."""
+  cast = model.for_compute(pop, cfg)
+  return {**cast, "layers": jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), cast["layers"])}
+
+
+def _weight_axes(weights: Params):
+  """vmap axes of `decode_weights`: the agent axis is 1 in the layer stack."""
+  return {k: jax.tree.map(lambda _: 1 if k == "layers" else 0, v) for k, v in weights.items()}
+
+
 def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cache_len: int,
                  num_samples: int):
   """Prefill B prompts once, then give each of its num_samples rows a copy."""
@@ -251,18 +275,18 @@ def _start_one(state, key, row_ids, *, max_new_tokens: int, pad_id: int):
   """One agent's loop state before the first step, and its rows' keys."""
   R, N = row_ids.shape[0], max_new_tokens
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
-  cache = {k: v for k, v in state["cache"].items() if k != "index"}
   return (jnp.full((R, N), pad_id, jnp.int32), jnp.zeros((R, N), jnp.float32),
-          jnp.zeros((R,), jnp.bool_), state["logits"], state["next_pos"], cache), row_keys
+          jnp.zeros((R,), jnp.bool_), state["logits"], state["next_pos"]), row_keys
 
 
-def _step_one(params: Params, carry, row_keys, step, index, *, cfg: ModelConfig, method, stops,
+def _step_one(params: Params, carry, cache, row_keys, step, *, cfg: ModelConfig, method, stops,
               pad_id: int):
-  """One decode step of one agent: draw a token for every row, then feed it
-  to cache slot `index`. Rows that have stopped emit padding and their
-  outputs are discarded. The slot is shared by all agents (not vmapped), so
-  the cache update stays an in-place slice update instead of a scatter."""
-  tokens, logprobs, done, logits, pos, cache = carry
+  """One decode step of one agent: draw a token for every row and run it
+  through the model. Returns the new carry and the token's cache entries,
+  which `decode` writes outside the agent vmap: a write inside it would be
+  a batched update, which JAX turns into a transposed copy of the cache.
+  Rows that have stopped emit padding and their outputs are discarded."""
+  tokens, logprobs, done, logits, pos = carry
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
   tok = draw_rows(method, logits, step_keys)
   # log_softmax at the drawn token, without an [R, V] log_softmax array.
@@ -273,21 +297,31 @@ def _step_one(params: Params, carry, row_keys, step, index, *, cfg: ModelConfig,
   tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
   logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
   done = done | jnp.isin(tok, stops)
-  hidden, cache = model.forward_hidden(params, tok[:, None], cfg=cfg,
-                                       positions_BxT=pos[:, None], cache={**cache, "index": index})
+  hidden, entries = model.extend_hidden(params, tok[:, None], cfg=cfg,
+                                        positions_BxT=pos[:, None], cache=cache)
   logits = model.logits_from_hidden(params, hidden, cfg)[:, 0]
-  cache.pop("index")
-  return tokens, logprobs, done, logits, pos + 1, cache
+  return (tokens, logprobs, done, logits, pos + 1), entries
+
+
+def _write(cache, entries, slot):
+  """Write one step's entries of every agent at `slot`: k/v [L, A, B, K, 1, Dh]
+  into [L, A, B, K, S, Dh], mask/pos [A, B, 1] into [A, B, S]."""
+  kv = (0, 0, 0, 0, slot, 0)
+  return {"k": jax.lax.dynamic_update_slice(cache["k"], entries["k"], kv),
+          "v": jax.lax.dynamic_update_slice(cache["v"], entries["v"], kv),
+          "mask": jax.lax.dynamic_update_slice(cache["mask"], entries["mask"], (0, 0, slot)),
+          "pos": jax.lax.dynamic_update_slice(cache["pos"], entries["pos"], (0, 0, slot))}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples",
                                              "spmd_axis_name"))
 def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
             num_samples: int = 1, spmd_axis_name: str | None = None):
-  """Decode state of every agent after reading the prompts (see `sample`)."""
+  """Decode state of every agent after reading the prompts (see `sample`);
+  its leaves have the agent axis where `STATE_AXES` says."""
   in_axis = 0 if prompts.ndim == 3 else None
   fn = functools.partial(_prefill_one, cfg=cfg, cache_len=cache_len, num_samples=num_samples)
-  return jax.vmap(fn, in_axes=(0, in_axis, in_axis),
+  return jax.vmap(fn, in_axes=(0, in_axis, in_axis), out_axes=STATE_AXES,
                   spmd_axis_name=spmd_axis_name)(pop, prompts, prompt_mask)
 
 
@@ -314,24 +348,28 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(A))
   stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
   start = functools.partial(_start_one, max_new_tokens=N, pad_id=pad_id)
-  carry, row_keys = jax.vmap(start, in_axes=(0, 0, None),
+  carry, row_keys = jax.vmap(start, in_axes=(STATE_AXES, 0, None),
                              spmd_axis_name=spmd_axis_name)(state, keys, row_ids)
+  weights = decode_weights(pop, cfg)
   step_all = jax.vmap(functools.partial(_step_one, cfg=cfg, method=method, stops=stops,
                                         pad_id=pad_id),
-                      in_axes=(0, 0, 0, None, None), spmd_axis_name=spmd_axis_name)
+                      in_axes=(_weight_axes(weights), 0, _KV_AXES, 0, None),
+                      out_axes=(0, _KV_AXES), spmd_axis_name=spmd_axis_name)
   # Every agent's prompts were prefilled to the same slot.
   index = state["cache"]["index"][0]
+  cache = {k: v for k, v in state["cache"].items() if k != "index"}
 
   def cond(c):
-    step, (_, _, done, *_) = c
+    step, (_, _, done, *_), _ = c
     return (step < N) & ~jnp.all(done)
 
   def body(c):
-    step, carry = c
-    return step + 1, step_all(pop, carry, row_keys, step, index + step)
+    step, carry, cache = c
+    carry, entries = step_all(weights, carry, cache, row_keys, step)
+    return step + 1, carry, _write(cache, entries, index + step)
 
-  steps, (tokens, logprobs, _, logits, pos, cache) = jax.lax.while_loop(
-      cond, body, (jnp.zeros((), jnp.int32), carry))
+  steps, (tokens, logprobs, _, logits, pos), cache = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), carry, cache))
   is_stop = jnp.isin(tokens, stops)
   lengths = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1, N)
   samples = Samples(tokens, logprobs, lengths.astype(jnp.int32), jnp.full((A,), steps))

@@ -70,8 +70,8 @@ def test_per_agent_prompts(setup):
 
 
 def test_f32_masters_sample_as_their_compute_dtype_copy(setup):
-  # The generator samples from one bf16 copy of f32 masters; the forward
-  # casts on use, so the tokens equal sampling the masters directly.
+  # Decode reads one bf16 copy of f32 masters (sampling.decode_weights); the
+  # forward casts on use, so sampling a bf16 population gives the same tokens.
   pop, tok = setup
   cfg = model.ModelConfig(**{**CFG.to_dict(), "dtype": "bfloat16"})
   copy = model.for_compute(pop, cfg)

@@ -73,8 +73,9 @@ def test_sampling_on_meshes_matches_one_device(pop):
     t, m = jax.device_put(tokens, rows), jax.device_put(mask, rows)
     with sharding.use_mesh(mesh):
       state = sampling.prefill(placed, t, m, cfg=CFG, cache_len=14, spmd_axis_name="agent")
-      # The KV cache is split over agents like the parameters are.
-      assert state["cache"]["k"].sharding.spec[0] == ("agent" if sizes[0] > 1 else None)
+      # The KV cache is split over agents like the parameters are (its
+      # agent axis is 1: the decode state is layer-major).
+      assert state["cache"]["k"].sharding.spec[1] == ("agent" if sizes[0] > 1 else None)
       got = sampling.sample(placed, t, m, key, spmd_axis_name="agent", **kwargs)
     np.testing.assert_array_equal(got.tokens, expected.tokens, err_msg=str(sizes))
     np.testing.assert_array_equal(got.lengths, expected.lengths, err_msg=str(sizes))

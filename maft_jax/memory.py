@@ -10,8 +10,8 @@ prefill and decode programs, lowered from ShapeDtypeStructs (nothing is
 allocated or run). A run has two phases that never overlap on a device:
 
   sampling  = parameters + KV cache + the larger of prefill/decode temporaries
-              (decode's temporaries include its layer-major compute-dtype copy
-              of the weights, `sampling.decode_weights`)
+              (decode's temporaries include the copy of the weights it reads,
+              layer-major in the compute dtype: `sampling.decode_weights`)
   training  = parameters + optimizer state + train-step temporaries
 
 and the plan fits when the larger phase fits the device. When parameters,
@@ -136,9 +136,13 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
   opt_state = _bytes(state) - (_bytes(state["params"]) if lora_config is None else 0)
 
   cache_len = prompt_len + max_new_tokens
+  # The decode state's layout: k/v layer-major (sampling.STATE_AXES).
+  state_axes = sampling.STATE_AXES["cache"]
   cache_abs = jax.eval_shape(lambda: jax.vmap(
-      lambda _: model.init_cache(cfg, sample_batch, cache_len))(jnp.arange(A)))
-  cache_axes = {k: ("agent",) + v for k, v in model.cache_axes().items()}
+      lambda _: model.init_cache(cfg, sample_batch, cache_len),
+      out_axes=state_axes)(jnp.arange(A)))
+  cache_axes = {k: v[:state_axes[k]] + ("agent",) + v[state_axes[k]:]
+                for k, v in model.cache_axes().items()}
   cache = _placed(cache_abs, sharding.shardings(cache_axes, cache_abs, mesh))
   kv_cache = _bytes(cache)
 

@@ -528,23 +528,19 @@ def extend_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig, cache, positi
   old_mask = _attention_mask(q_seg, positions_BxT, cache["mask"].astype(jnp.int32), cache["pos"],
                              jnp.full((T,), S), jnp.arange(S), cfg)
 
-  # The loop runs over layer indices and reads each layer's weights and cache
-  # in place (a dynamic slice); the new entries are its outputs, written
-  # after it. Two alternatives cost whole copies on every decode step:
-  # scanning over the weights and cache as loop inputs makes a vmapped
-  # population transpose them all ([A, L, ...] -> [L, A, ...]), and updating
-  # a loop-carried cache makes XLA copy all of it on every layer.
-  layer = lambda tree, i: jax.tree.map(  # noqa: E731
-      lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
-
-  def body(x, i):
-    l = layer(lora_layers, i)
-    cached = (layer(cache["k"], i), layer(cache["v"], i), old_mask)
-    x, (k_new, v_new) = _layer(cfg, x, layer(params["layers"], i), cos, sin, self_mask, cached,
+  # The cache is read-only in the layer loop and the new entries are its
+  # outputs: updating a loop-carried cache makes XLA copy all of it on every
+  # layer. Weights and cache are loop inputs. Under an agent vmap, a scan
+  # moves its inputs' agent axis to 1 and the constants it closes over to 0,
+  # so the sampler hands them in layer-major ([L, A, ...]) and nothing moves.
+  def body(x, xs):
+    p, k_old, v_old, l = xs
+    x, (k_new, v_new) = _layer(cfg, x, p, cos, sin, self_mask, (k_old, v_old, old_mask),
                                lora=(l, lora_scale) if l else None)
     return x, (k_new.astype(cache["k"].dtype), v_new.astype(cache["v"].dtype))
 
-  x, (k_new, v_new) = jax.lax.scan(body, x, jnp.arange(cfg.num_layers))
+  x, (k_new, v_new) = jax.lax.scan(
+      body, x, (params["layers"], cache["k"], cache["v"], lora_layers))
   entries = {"k": k_new, "v": v_new, "mask": valid, "pos": positions_BxT}
   return rms_norm(x, params["final_norm"], cfg), entries
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import model
+from maft_jax import model, sharding
 from maft_jax.model import ModelConfig, Params
 
 _NEG = -jnp.inf
@@ -236,21 +236,27 @@ jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "le
 
 # The decode loop reads the layer stack layer-major: the cache's k/v in the
 # decode state are [L, A, B, K, S, Dh] and `decode_weights` holds the layer
-# weights [L, A, ...]. Each layer's slice for every agent is then one
-# contiguous block. A slice of [A, L, ...] is strided, and a strided slice is
+# weights [L, A, ...]. The layer scan of an agent-vmapped step then takes
+# them as they lie (a vmapped scan wants its inputs' agent axis at 1), and
+# each layer's slice for every agent is one contiguous block. With [A, L, ...]
+# every step transposed all weights and the cache, and a strided slice is
 # copied before a matmul reads it (XLA's dynamic-slice fusion, which lets a
-# matmul read a slice in place, takes contiguous slices only): every layer's
-# weights and cache, on every decode step.
+# matmul read a slice in place, takes contiguous slices only).
 _KV_AXES = {"k": 1, "v": 1, "mask": 0, "pos": 0}
 STATE_AXES = {"cache": {**_KV_AXES, "index": 0}, "logits": 0, "next_pos": 0}
 
 
 def decode_weights(pop: Params, cfg: ModelConfig) -> Params:
-  """What the decode loop reads: `model.for_compute`'s cast (f32 masters
-  would be read at twice the bytes on every step), the layer stack moved
-  layer-major ([A, L, ...] -> [L, A, ...]). Made once per decode call."""
+  """What the decode loop reads, made once per decode call (a copy, also of
+  weights already in the compute dtype): `model.for_compute`'s cast (f32
+  masters would be read at twice the bytes on every step), the layer stack
+  layer-major ([A, L, ...] -> [L, A, ...]) and pinned to the rule table's
+  layout with its first two axes swapped."""
   cast = model.for_compute(pop, cfg)
-  return {**cast, "layers": jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), cast["layers"])}
+  layers = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), cast["layers"])
+  axes = jax.tree.map(lambda a: (a[0], "agent") + a[1:], model.param_axes(cfg)["layers"],
+                      is_leaf=lambda x: isinstance(x, tuple))
+  return {**cast, "layers": sharding.constrain_state(layers, axes)}
 
 
 def _weight_axes(weights: Params):

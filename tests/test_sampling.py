@@ -178,6 +178,37 @@ def test_stops_padding_lengths_and_early_exit():
   assert np.asarray(out.steps).max() <= 3
 
 
+def _transposes_in_loops(jaxpr, inside=False):
+  """Operand shapes of every transpose inside a while loop of `jaxpr`."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "transpose" and inside:
+      found.append(eqn.invars[0].aval.shape)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found += _transposes_in_loops(sub, inside or eqn.primitive.name == "while")
+  return found
+
+
+def test_decode_step_moves_no_weights_or_cache():
+  # A decode step must read each layer's weights and cache where they lie:
+  # a vmapped scan moving the agent axis of the layer stack, or a batched
+  # cache update, shows up as a transpose of a weight- or cache-sized array
+  # inside the loop, on every step, on any backend.
+  pop = population.init(CFG, jax.random.key(4), 3)
+  tokens, mask = _prompts(n=2)
+  state = sampling.prefill(pop, tokens, mask, cfg=CFG, cache_len=tokens.shape[1] + 6)
+  method = sampling.Chain((sampling.Temperature(1.0), sampling.TopP(0.9)))
+  jaxpr = jax.make_jaxpr(lambda p, s: sampling.decode.__wrapped__(
+      p, s, jax.random.key(1), cfg=CFG, method=method, max_new_tokens=6))(pop, state)
+  one_layer_cache = np.prod(state["cache"]["k"].shape[1:])  # [A, B, K, S, Dh]
+  moved = [shape for shape in _transposes_in_loops(jaxpr.jaxpr)
+           if np.prod(shape) >= one_layer_cache]
+  assert not moved, moved
+
+
 def test_per_agent_prompts_equal_each_agent_on_its_own():
   pop = population.init(CFG, jax.random.key(3), 2)
   t0, m0 = _prompts(seed=1)

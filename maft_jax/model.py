@@ -546,16 +546,18 @@ def extend_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig, cache, positi
 
 
 def write_cache(cache, entries):
-  """`cache` with `extend_hidden`'s entries written at slots [index, index + T)."""
-  start, T = cache["index"], entries["mask"].shape[1]
-  at = (0, 0, 0, start, 0)
-  return {
-      "k": jax.lax.dynamic_update_slice(cache["k"], entries["k"], at),
-      "v": jax.lax.dynamic_update_slice(cache["v"], entries["v"], at),
-      "mask": jax.lax.dynamic_update_slice_in_dim(cache["mask"], entries["mask"], start, axis=1),
-      "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], entries["pos"], start, axis=1),
-      "index": start + T,
-  }
+  """`cache` with `extend_hidden`'s entries written at slots [index, index + T).
+  Slots are the second-to-last dim of k/v and the last of mask/pos, in one
+  agent's cache and in the sampler's population cache ([L, A, B, K, S, Dh],
+  [A, B, S]) alike."""
+  start, T = cache["index"], entries["mask"].shape[-1]
+
+  def put(x, new, axis):
+    return jax.lax.dynamic_update_slice_in_dim(x, new, start, axis=x.ndim + axis)
+
+  return {"k": put(cache["k"], entries["k"], -2), "v": put(cache["v"], entries["v"], -2),
+          "mask": put(cache["mask"], entries["mask"], -1),
+          "pos": put(cache["pos"], entries["pos"], -1), "index": start + T}
 
 
 def logits_from_hidden(params: Params, hidden_BxTxD, cfg: ModelConfig):

@@ -183,12 +183,6 @@ def _gumbel_rows(keys_R, V: int):
   return jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys_R)
 
 
-def _apply(steps, logits_BxV):
-  for step in steps:
-    logits_BxV = step.process(logits_BxV)
-  return logits_BxV
-
-
 def draw_rows(method, logits_RxV, keys_R):
   """One token per row, the Gumbel-max of the method's distribution with row
   r's noise from keys_R[r] alone.
@@ -205,10 +199,10 @@ def draw_rows(method, logits_RxV, keys_R):
   nuclei = [i for i, step in enumerate(steps) if isinstance(step, TopP)]
   if not nuclei:
     noise_RxV = _gumbel_rows(keys_R, logits_RxV.shape[-1])
-    return jnp.argmax(_apply(steps, logits_RxV) + noise_RxV, axis=-1).astype(jnp.int32)
+    return jnp.argmax(Chain(steps).process(logits_RxV) + noise_RxV, axis=-1).astype(jnp.int32)
   last = nuclei[-1]
-  before = _apply(steps[:last], logits_RxV)
-  return steps[last].draw_rows(before, _apply(steps[last + 1:], before), keys_R)
+  before = Chain(steps[:last]).process(logits_RxV)
+  return steps[last].draw_rows(before, Chain(steps[last + 1:]).process(before), keys_R)
 
 
 def draw(method, logits_BxV, key):
@@ -309,16 +303,6 @@ def _step_one(params: Params, carry, cache, row_keys, step, *, cfg: ModelConfig,
   return (tokens, logprobs, done, logits, pos + 1), entries
 
 
-def _write(cache, entries, slot):
-  """Write one step's entries of every agent at `slot`: k/v [L, A, B, K, 1, Dh]
-  into [L, A, B, K, S, Dh], mask/pos [A, B, 1] into [A, B, S]."""
-  kv = (0, 0, 0, 0, slot, 0)
-  return {"k": jax.lax.dynamic_update_slice(cache["k"], entries["k"], kv),
-          "v": jax.lax.dynamic_update_slice(cache["v"], entries["v"], kv),
-          "mask": jax.lax.dynamic_update_slice(cache["mask"], entries["mask"], (0, 0, slot)),
-          "pos": jax.lax.dynamic_update_slice(cache["pos"], entries["pos"], (0, 0, slot))}
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples",
                                              "spmd_axis_name"))
 def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
@@ -359,11 +343,10 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   weights = decode_weights(pop, cfg)
   step_all = jax.vmap(functools.partial(_step_one, cfg=cfg, method=method, stops=stops,
                                         pad_id=pad_id),
-                      in_axes=(_weight_axes(weights), 0, _KV_AXES, 0, None),
+                      in_axes=(_weight_axes(weights), 0, {**_KV_AXES, "index": None}, 0, None),
                       out_axes=(0, _KV_AXES), spmd_axis_name=spmd_axis_name)
-  # Every agent's prompts were prefilled to the same slot.
-  index = state["cache"]["index"][0]
-  cache = {k: v for k, v in state["cache"].items() if k != "index"}
+  # Every agent's prompts were prefilled to the same slot: one index for all.
+  cache = {**state["cache"], "index": state["cache"]["index"][0]}
 
   def cond(c):
     step, (_, _, done, *_), _ = c
@@ -372,14 +355,14 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   def body(c):
     step, carry, cache = c
     carry, entries = step_all(weights, carry, cache, row_keys, step)
-    return step + 1, carry, _write(cache, entries, index + step)
+    return step + 1, carry, model.write_cache(cache, entries)
 
   steps, (tokens, logprobs, _, logits, pos), cache = jax.lax.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), carry, cache))
   is_stop = jnp.isin(tokens, stops)
   lengths = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1, N)
   samples = Samples(tokens, logprobs, lengths.astype(jnp.int32), jnp.full((A,), steps))
-  cache["index"] = jnp.full((A,), index + steps)
+  cache["index"] = jnp.full((A,), cache["index"])
   return samples, {"cache": cache, "logits": logits, "next_pos": pos}
 
 

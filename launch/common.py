@@ -57,14 +57,23 @@ def quiet_orbax() -> None:
   absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())
 
 
+TASK_OPTION_FLAG = "--config.task.options."
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, but a bad flag or `--config.x=` override (unknown
-  field, wrong type) exits with one line naming it instead of a traceback."""
+  field, wrong type) exits with one line naming that one flag instead of a
+  traceback, and `--config.task.options.KEY=VALUE` reaches the task even
+  when the config file did not declare KEY (the task itself then refuses an
+  option it does not know, naming its options)."""
   import sys
 
   from absl import flags
+  options = [a for a in argv[1:] if a.startswith(TASK_OPTION_FLAG)]
+  rest = [a for a in argv if a not in options]
+  saved_argv, sys.argv = sys.argv, rest  # ml_collections reads overrides from sys.argv too
   try:
-    return flags.FLAGS(argv)
+    out = flags.FLAGS(rest)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     inner = e.args[0] if e.args else e
     # ml_collections wraps a KeyError in an AttributeError: unwrap to the text.
@@ -72,13 +81,54 @@ def parse_flags(argv: list[str]) -> list[str]:
       inner = inner.args[0]
     message = str(inner)
     if isinstance(e, (AttributeError, KeyError)):
-      bad = " ".join(a for a in argv[1:] if a.startswith("--config."))
-      sys.exit(f"error: unknown config field {message.splitlines()[0]} in {bad}"
+      field = message.splitlines()[0].strip("'\"")
+      sys.exit(f"error: unknown config field {message.splitlines()[0]} in "
+               f"{_flag_naming(rest, field)}"
                + "".join(f"; {line}" for line in message.splitlines()[1:]))
     if "Traceback" in message:  # a config file that raised: its first and last lines
       lines = [line for line in message.splitlines() if line.strip()]
       message = f"{lines[0]} {lines[-1]}"
     sys.exit(f"error: {message}")
+  finally:
+    sys.argv = saved_argv
+  if options:
+    if "config" not in flags.FLAGS or flags.FLAGS.config is None:
+      sys.exit(f"error: {options[0]} needs --config")
+    for arg in options:
+      key, sep, text = arg[len(TASK_OPTION_FLAG):].partition("=")
+      if not sep or not key or "." in key:
+        sys.exit(f"error: {arg}: expected {TASK_OPTION_FLAG}KEY=VALUE")
+      task_options = flags.FLAGS.config.task.options
+      with task_options.unlocked():
+        task_options[key] = option_value(text, task_options.get(key))
+  return out
+
+
+def _flag_naming(argv: list[str], field: str) -> str:
+  """The one `--config.` flag whose field path holds `field` (all of them
+  if none does)."""
+  config_args = [a for a in argv[1:] if a.startswith("--config.")]
+  for a in config_args:
+    if field in a.split("=", 1)[0].split("."):
+      return a
+  return " ".join(config_args)
+
+
+def option_value(text: str, current=None):
+  """A task option's value from the command line: the type of the value the
+  config file gave it, else an int, float, bool (true/false) or string."""
+  if isinstance(current, bool) or (current is None and text.lower() in ("true", "false")):
+    if text.lower() not in ("true", "false"):
+      raise SystemExit(f"error: {TASK_OPTION_FLAG}...={text}: expected true or false")
+    return text.lower() == "true"
+  for kind in ((type(current),) if isinstance(current, (int, float)) else (int, float)):
+    try:
+      return kind(text)
+    except ValueError:
+      if current is not None:
+        raise SystemExit(f"error: {TASK_OPTION_FLAG}...={text}: expected "
+                         f"{type(current).__name__}") from None
+  return text
 
 
 def define_distributed_flags():

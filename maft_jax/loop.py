@@ -55,7 +55,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from maft_jax import (checkpoint, debate, distributed, finetune, generation, hf, lora, metrics,
-                      population, sampling, scoring, sft, sharding)
+                      population, sampling, scoring, sft, sharding, verdict)
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import Problem, Task, prompts
 from maft_jax.tasks.base import read_jsonl
@@ -601,11 +601,12 @@ class Run:
     ids, d = _load_debate(os.path.join(Stage(self.workdir, k, "debate").dir, "debate.json"))
     by_id = {q.id: q for q in self.problems("train")}
     problems = [by_id[i] for i in ids]
-    rows, summary = select(d, problems, self.task, plan=p, tokenizer=self.tok,
-                           key=jax.random.key(stage_seed(p.seed, k, "select")),
-                           score=lambda r: self._row_nll(pop, r))
+    rows, summary, decided = select(d, problems, self.task, plan=p, tokenizer=self.tok,
+                                    key=jax.random.key(stage_seed(p.seed, k, "select")),
+                                    score=lambda r: self._row_nll(pop, r))
     out = stage.begin()
     if distributed.is_primary():
+      _write_json(os.path.join(out, "consensus.json"), decided)
       for a, agent_rows in enumerate(rows):
         _write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), agent_rows)
     summary["seconds"] = time.perf_counter() - t0
@@ -776,12 +777,16 @@ def memory_plan(plan: Plan, *, capacity: int, compile: bool = True,
 # ----------------------------------------------------------------------------- selection
 
 def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: Plan, tokenizer,
-           key: jax.Array, score: Callable | None = None) -> tuple[list[list[dict]], dict]:
-  """Each agent's SFT rows from a training debate, and a summary of the sets.
+           key: jax.Array, score: Callable | None = None
+           ) -> tuple[list[list[dict]], dict, dict]:
+  """Each agent's SFT rows from a training debate, a summary of the sets, and
+  what the debate decided per problem (`consensus.json`: the majority's
+  representative answer key, its votes, whether it is right).
 
   Slot n's round-1 answer (generator n) and last-round answer (critic n, or
   generator n without critics) are compared with a target: the consensus of
-  the last round (`paper`) or the reference (`ground_truth`, `cross_agent`).
+  the last round's answers alone (`paper`; `verdict`: the task's answer
+  relation, seeded ties) or the reference (`ground_truth`, `cross_agent`).
 
   - paper / ground_truth: generator n trains on its own agreeing round-1
     responses (D^G_n); critic n on its corrected transcripts D^C-_n plus a
@@ -797,28 +802,19 @@ def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: P
   """
   N, B, M = plan.generators, len(problems), d.num_rounds
   last = M - 1
-  keys_all = list(d.keys[0]) + list(d.keys[last])
-  ids, _ = scoring.answer_ids(keys_all)
-  first_ids, last_ids = ids[:N], ids[N:]
   k_vote, k_sel, k_round = jax.random.split(key, 3)
-  consensus, votes = (np.asarray(x) for x in scoring.consensus(last_ids, k_vote))
-  flat = list(problems) * N
-
-  def verified(round_index: int) -> np.ndarray:
-    texts = [t for slot in d.texts[round_index] for t in slot]
-    return np.asarray(task.is_correct_many(texts, flat), bool).reshape(N, B)
-
-  first_true, last_true = verified(0), verified(last)
-  consensus_right = np.array([consensus[b] >= 0 and any(
-      last_true[n, b] for n in range(N) if last_ids[n, b] == consensus[b]) for b in range(B)])
+  v = verdict.judge(d, task, problems)
+  vote = v.vote(last, k_vote)                  # the last round's majority, alone
+  first_true, last_true = v.correct_RxNxB[0], v.correct_RxNxB[last]
   if plan.selection_mode == "paper":
-    first_ok = np.asarray(scoring.agreement(first_ids, consensus))
-    last_ok = np.asarray(scoring.agreement(last_ids, consensus))
+    first_ok, last_ok = vote.agree_RxNxB[0], vote.agree_RxNxB[last]
   else:
     first_ok, last_ok = first_true, last_true
   summary = {"mode": plan.selection_mode, "problems": B,
-             "consensus_accuracy": float(consensus_right.mean()),
-             "consensus_rate": float((votes / N).mean())}
+             "consensus_accuracy": float(vote.right_B.mean()),
+             "consensus_rate": float((vote.votes_B / N).mean())}
+  decided = {"problem_ids": [p.id for p in problems], "consensus": vote.keys_B,
+             "votes": vote.votes_B.tolist(), "right": vote.right_B.tolist()}
   critics_train = plan.critics
   if plan.selection_mode in ("paper", "ground_truth"):
     d_g, d_minus, d_plus, kept = (np.asarray(x) for x in scoring.paper_selection(
@@ -849,7 +845,7 @@ def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: P
     summary["d_g"] = first_true.sum(1).tolist()
     summary["cross_copies"] = copies
   summary["selected"] = [len(r) for r in rows]
-  return rows, summary
+  return rows, summary, decided
 
 
 # ----------------------------------------------------------------------------- table

@@ -9,10 +9,15 @@
                       vote" baseline: N samples, no debate)
 - best_of_n_accuracy: some round-1 answer is right (best-of-N with a verifier)
 - consensus_rate:     mean fraction of slots that agree with that majority
-- distinct_answers:   mean number of distinct answer keys per problem, round 1
+- distinct_answers:   mean number of distinct answers per problem, round 1
+                      (in the task's answer relation)
 - ngram_overlap:      mean pairwise Jaccard similarity of word 3-gram sets
                       between different agents' round-1 responses to a problem
                       (lower = more diverse reasoning)
+
+Votes and grades come from `verdict` (the task's one answer relation). Every
+accuracy X has X_se beside it: the binomial standard error sqrt(p(1-p)/n)
+over the n problems scored (per agent for the per-agent lists).
 
 The cross-agent NLL matrix (`scoring.cross_nll`) needs the model and is
 computed by the loop beside these.
@@ -26,7 +31,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from maft_jax import scoring
+from maft_jax import verdict
 from maft_jax.tasks.base import Problem, Task
 
 
@@ -47,42 +52,41 @@ def ngram_overlap(texts_NxB: Sequence[Sequence[str]], n: int = 3) -> float:
   return float(np.mean(scores)) if scores else 0.0
 
 
-def distinct_answers(keys_NxB: Sequence[Sequence[str | None]]) -> float:
-  """Mean number of distinct non-empty answer keys per problem."""
-  return float(np.mean([len({k[b] for k in keys_NxB if k[b] is not None})
-                        for b in range(len(keys_NxB[0]))]))
+def distinct_answers(classes_NxB: np.ndarray) -> float:
+  """Mean number of distinct answers per problem (answer classes, -1 = none)."""
+  classes_NxB = np.asarray(classes_NxB)
+  return float(np.mean([len({c for c in classes_NxB[:, b] if c >= 0})
+                        for b in range(classes_NxB.shape[1])]))
+
+
+ACCURACIES = ("round1_accuracy", "final_accuracy", "debate_accuracy", "majority_accuracy",
+              "best_of_n_accuracy")
+
+
+def with_errors(result: dict, n: int) -> dict:
+  """`result` plus `<field>_se`, the binomial standard error, for every
+  accuracy field (a number or a per-agent list) measured on `n` problems."""
+  out = dict(result)
+  for field in ACCURACIES:
+    if field in result:
+      out[field + "_se"] = verdict.standard_error(result[field], n).tolist()
+  return out
 
 
 def evaluate(debate, task: Task, problems: Sequence[Problem], key: jax.Array) -> dict:
   """Metrics of one debate (see the module docstring)."""
-  N, B = len(debate.texts[0]), len(problems)
-  flat = list(problems) * N
-
-  def correct(round_index: int) -> np.ndarray:
-    texts = [t for slot in debate.texts[round_index] for t in slot]
-    return np.asarray(task.is_correct_many(texts, flat), bool).reshape(N, B)
-
-  first, last = correct(0), correct(-1)
-
-  def vote(keys, ok, vote_key):
-    """(majority right bool[B], votes for the majority [B])."""
-    ids, _ = scoring.answer_ids(keys)
-    majority, votes = (np.asarray(x) for x in scoring.consensus(ids, vote_key))
-    # The majority answer is right when an agent holding it was verified right.
-    right = np.array([bool(majority[b] >= 0 and any(ok[n, b] for n in range(N)
-                                                    if ids[n, b] == majority[b]))
-                      for b in range(B)])
-    return right, votes
-
-  debate_right, votes = vote(debate.keys[-1], last, key)
-  first_right, _ = vote(debate.keys[0], first, jax.random.fold_in(key, 1))
-  return {
+  N = len(debate.texts[0])
+  v = verdict.judge(debate, task, problems)
+  final = v.vote(-1, key)
+  majority = v.vote(0, jax.random.fold_in(key, 1))
+  first, last = v.correct_RxNxB[0], v.correct_RxNxB[-1]
+  return with_errors({
       "round1_accuracy": first.mean(axis=1).tolist(),
       "final_accuracy": last.mean(axis=1).tolist(),
-      "debate_accuracy": float(debate_right.mean()),
-      "majority_accuracy": float(first_right.mean()),
+      "debate_accuracy": float(final.right_B.mean()),
+      "majority_accuracy": float(majority.right_B.mean()),
       "best_of_n_accuracy": float(first.any(axis=0).mean()),
-      "consensus_rate": float((votes / N).mean()),
-      "distinct_answers": distinct_answers(debate.keys[0]),
+      "consensus_rate": float((final.votes_B / N).mean()),
+      "distinct_answers": distinct_answers(v.classes_RxNxB[0]),
       "ngram_overlap": ngram_overlap(debate.texts[0]),
-  }
+  }, len(problems))

@@ -1,11 +1,12 @@
 """Jitted batched scoring over the population: votes, consensus, selection
 masks and the cross-agent NLL matrix.
 
-Answer keys (strings from `Task.extract_answer`, None for no answer) are
-turned into small integer ids per problem on the host (`answer_ids`); every
-decision after that is a jitted function of `i32[A, B]` arrays:
+Answers are numbered per problem on the host, by the task's answer relation
+(`Task.answer_classes`, see `verdict`); every decision after that is a
+jitted function of integer id arrays:
 
     consensus(ids_AxB, key)            -> consensus_B, votes_B   (-1: no answer)
+    agreement(ids_xB, target_B)        -> bool[..., B]
     paper_selection(...)               -> D^G, D^C-, D^C+ masks   bool[N, B]
     cross_agent_weights(...)           -> f32[A, A', B] training weights
     cross_nll(pop, batches)            -> f32[A_scorer, A_author]
@@ -29,44 +30,32 @@ from maft_jax.model import ModelConfig, Params
 NO_ANSWER = -1
 
 
-def answer_ids(keys: Sequence[Sequence[str | None]]) -> tuple[np.ndarray, list[list[str]]]:
-  """keys[a][b] -> (ids i32[A, B], names[b]): equal keys of one problem share
-  an id (0, 1, ... in order of first appearance); None -> NO_ANSWER."""
-  A, B = len(keys), len(keys[0]) if keys else 0
-  ids = np.full((A, B), NO_ANSWER, np.int32)
-  names: list[list[str]] = [[] for _ in range(B)]
-  for b in range(B):
-    seen: dict[str, int] = {}
-    for a in range(A):
-      k = keys[a][b]
-      if k is None:
-        continue
-      if k not in seen:
-        seen[k] = len(seen)
-        names[b].append(k)
-      ids[a, b] = seen[k]
-  return ids, names
-
-
 @jax.jit
 def consensus(ids_AxB: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Majority answer id per problem (-1 when nobody answered) and its votes."""
-  A, B = ids_AxB.shape
-  # votes[b, v]: how many agents gave answer id v to problem b (ids < A).
-  onehot = (ids_AxB[:, :, None] == jnp.arange(A)[None, None, :]) & (ids_AxB[:, :, None] >= 0)
-  votes = jnp.sum(onehot, axis=0)                                  # [B, A]
-  top = jnp.max(votes, axis=1, keepdims=True)
-  tied = (votes == top) & (top > 0)
-  noise = jax.random.uniform(key, votes.shape)                     # seeded tie-break
-  choice = jnp.argmax(jnp.where(tied, noise, -1.0), axis=1).astype(jnp.int32)
-  has = top[:, 0] > 0
-  return jnp.where(has, choice, NO_ANSWER), jnp.where(has, top[:, 0], 0)
+  """Majority answer id per problem (-1 when nobody answered) and its votes.
+
+  Ids are any non-negative integers (answer classes numbered over several
+  rounds at once may exceed A); each agent's answer counts the agents that
+  share it. A tie is broken by a seeded uniform choice among the tied
+  answers: a uniform agent among those holding a tied answer, which is
+  uniform over the answers because each of them has the same votes."""
+  answered = ids_AxB >= 0
+  same = (ids_AxB[:, None, :] == ids_AxB[None, :, :]) & answered[None, :, :]  # [A, A', B]
+  votes_AxB = jnp.where(answered, jnp.sum(same, axis=1), 0)
+  top_B = jnp.max(votes_AxB, axis=0)
+  tied_AxB = (votes_AxB == top_B[None, :]) & (top_B[None, :] > 0)
+  noise = jax.random.uniform(key, votes_AxB.shape)                 # seeded tie-break
+  pick_B = jnp.argmax(jnp.where(tied_AxB, noise, -1.0), axis=0)
+  winner_B = jnp.take_along_axis(ids_AxB, pick_B[None, :], axis=0)[0]
+  has = top_B > 0
+  return jnp.where(has, winner_B, NO_ANSWER), jnp.where(has, top_B, 0)
 
 
 @jax.jit
-def agreement(ids_AxB: jax.Array, target_B: jax.Array) -> jax.Array:
-  """bool[A, B]: agent a's answer to b equals the target (never for no answer)."""
-  return (ids_AxB == target_B[None, :]) & (ids_AxB >= 0)
+def agreement(ids_xB: jax.Array, target_B: jax.Array) -> jax.Array:
+  """bool[..., B]: each answer (any leading axes: agents, rounds) equals the
+  problem's target (never for no answer)."""
+  return (ids_xB == target_B) & (ids_xB >= 0)
 
 
 @functools.partial(jax.jit, static_argnames=("critic_weight",))

@@ -12,6 +12,17 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8 " + FAST_COMPILE).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite, its subprocesses and
+# both xdist workers: the same tiny programs are compiled by many tests and by
+# every `launch.*` subprocess of the end-to-end tests. The cache only saves
+# time (entries are keyed by the program, the flags and the jax version); a
+# damaged entry is a warning and a recompile. MAFT_TEST_JAX_CACHE='' disables it.
+_CACHE = os.environ.get("MAFT_TEST_JAX_CACHE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax"))
+if _CACHE:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 
 from maft_jax import loop, scoring, tasks
-from maft_jax.debate import Debate
-from maft_jax.tasks import prompts
 
 
 def _config(**groups):
@@ -70,115 +68,6 @@ def test_config_changes_allow_more_iterations_and_another_mesh_only():
   assert loop.config_changes(a, more) == []
   assert loop.config_changes(a, dict(a, mesh=dict(a["mesh"], agent=2, fsdp=4))) == []
   assert loop.config_changes(a, b) == ["debate.rounds was 2, now 3"]
-
-
-class _Tok:
-  chat_template = None
-
-
-def _hand_debate(task, problems, round1_values, final_values):
-  """Slot n answers problem b with \\boxed{value} (None: no answer)."""
-  def texts(values):
-    return [[f"so \\boxed{{{v}}}" if v is not None else "no idea" for v in slot]
-            for slot in values]
-  r1, r2 = texts(round1_values), texts(final_values)
-  msgs1 = [[prompts.round1(p) for p in problems] for _ in r1]
-  msgs2 = [[prompts.debate_round(p, own=r1[n][b], others=[r1[o][b] for o in range(len(r1))
-                                                           if o != n])
-            for b, p in enumerate(problems)] for n in range(len(r1))]
-  keys = [[[task.extract_answer(t) for t in slot] for slot in r] for r in (r1, r2)]
-  finishes = [[["stop"] * len(problems) for _ in r1] for _ in range(2)]
-  return Debate(texts=[r1, r2], keys=keys, messages=[msgs1, msgs2], finishes=finishes)
-
-
-@pytest.fixture
-def hand_built():
-  task = tasks.load("arithmetic", size=4, seed=0)
-  problems = task.problems("all")[:4]
-  ref = [int(p.reference) for p in problems]
-  # 3 slots x 4 problems. Final round: problem 0 -> 2 of 3 say ref; problem 1 ->
-  # all wrong (same wrong answer); problem 2 -> slot 2 alone is right, 0 and 1 agree on
-  # a wrong answer; problem 3 -> everyone right.
-  round1 = [[ref[0], ref[1] + 1, ref[2] + 1, ref[3]],
-            [ref[0] + 1, ref[1] + 1, ref[2] + 1, ref[3]],
-            [ref[0] + 2, None, ref[2], ref[3]]]
-  final = [[ref[0], ref[1] + 1, ref[2] + 1, ref[3]],
-           [ref[0], ref[1] + 1, ref[2] + 1, ref[3]],
-           [ref[0] + 2, ref[1] + 1, ref[2], ref[3]]]
-  return task, problems, _hand_debate(task, problems, round1, final)
-
-
-def _plan(mode, **kw):
-  return loop.validate(_config(selection=dict(mode=mode, **kw), agents=dict(generators=3)))
-
-
-def _problems_of(rows, problems):
-  return [[next(b for b, p in enumerate(problems) if p.question in r["prompt"]) for r in agent]
-          for agent in rows]
-
-
-def test_paper_selection_rows(hand_built):
-  task, problems, d = hand_built
-  rows, summary = loop.select(d, problems, task, plan=_plan("paper", critic_weight=0.5),
-                              tokenizer=_Tok(), key=jax.random.key(0))
-  # Consensus (final round): p0 ref, p1 ref+1 (wrong), p2 ref+1 (wrong), p3 ref.
-  assert summary["consensus_accuracy"] == 0.5
-  # Generators keep their own round-1 answers that agree with consensus.
-  assert _problems_of(rows[:3], problems) == [[0, 1, 2, 3], [1, 2, 3], [3]]
-  # Critic n: D^C- = round-1 slot n disagreed, final agrees; D^C+ kept by weight.
-  # Critic 1 corrected p0, critic 2 p1 (no round-1 answer -> the consensus).
-  assert summary["d_c_minus"] == [0, 1, 1] and summary["d_c_plus"] == [4, 3, 1]
-  # With corrections, |D^C-|(1-w)/w = 1 D^C+ transcript joins; without, half of D^C+.
-  assert summary["d_c_kept"] == [2, 1, 1] and summary["selected"] == [4, 3, 1, 2, 2, 2]
-  # A critic's rows are its own final-round responses to its own transcript.
-  for r in rows[3]:
-    assert "These are the solutions" in r["prompt"] and r["completion"].startswith("so \\boxed")
-    assert r["add_special_tokens"] and r["append_eos"]
-
-
-def test_ground_truth_selection_rows(hand_built):
-  task, problems, d = hand_built
-  rows, summary = loop.select(d, problems, task, plan=_plan("ground_truth"), tokenizer=_Tok(),
-                              key=jax.random.key(0))
-  assert _problems_of(rows[:3], problems) == [[0, 3], [3], [2, 3]]
-  assert summary["d_c_minus"] == [0, 1, 0] and summary["d_c_plus"] == [2, 1, 2]
-
-
-def test_cross_agent_selection_copies_follow_the_weights(hand_built):
-  task, problems, d = hand_built
-  N, B = 3, len(problems)
-  rng = np.random.default_rng(0)
-  nll = rng.uniform(0.5, 3.0, size=(2 * N, N, B))  # [scorer, author, problem]
-
-  def score(texts):
-    assert len(texts) == N and len(texts[0]) == B
-    return nll, np.ones_like(nll, dtype=np.int32)
-
-  plan = _plan("cross_agent")
-  rows, summary = loop.select(d, problems, task, plan=plan, tokenizer=_Tok(),
-                              key=jax.random.key(3), score=score)
-  correct = np.array([[task.is_correct(t, p) for t, p in zip(slot, problems)]
-                      for slot in d.texts[0]])
-  w = np.asarray(scoring.cross_agent_weights(correct, nll[:N]))
-  for a in range(N):
-    got = {}
-    for r in rows[a]:
-      got[(r["prompt"], r["completion"])] = got.get((r["prompt"], r["completion"]), 0) + 1
-    # Every response an agent trains on is verified; copies are floor(w) or ceil(w).
-    for src in range(N):
-      for b in range(B):
-        text = d.texts[0][src][b]
-        n = sum(c for (p, t), c in got.items() if t == text and problems[b].question in p)
-        same = [s for s in range(N) if d.texts[0][s][b] == text]
-        lo = sum(int(np.floor(w[a, s, b])) for s in same)
-        hi = sum(int(np.ceil(w[a, s, b])) for s in same)
-        assert lo <= n <= hi, (a, src, b, n, lo, hi)
-  # An agent's own verified responses are always kept.
-  for a in range(N):
-    for b in range(B):
-      if correct[a, b]:
-        assert any(r["completion"] == d.texts[0][a][b] for r in rows[a])
-  assert summary["selected"][:N] == [len(r) for r in rows[:N]]
 
 
 def test_scoring_rows_layout_and_row_nll_matches_cross_nll():

@@ -1,6 +1,7 @@
 """Evaluation metrics on a hand-built debate."""
 
 import jax
+import numpy as np
 import pytest
 
 from maft_jax import metrics, tasks
@@ -45,4 +46,4 @@ def test_ngram_overlap_and_distinct():
   assert metrics.ngram_overlap([["a b c d"], ["a b c d"]]) == 1.0
   assert metrics.ngram_overlap([["a b c d"], ["w x y z"]]) == 0.0
   assert metrics.ngram_overlap([["a b c d"], ["a b c e"]]) == pytest.approx(1 / 3)
-  assert metrics.distinct_answers([["1", None], ["2", None], ["1", "3"]]) == 1.5
+  assert metrics.distinct_answers(np.array([[0, -1], [1, -1], [0, 0]])) == 1.5

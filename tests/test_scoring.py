@@ -5,13 +5,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import data, finetune, model, population, scoring
+from maft_jax import data, finetune, model, population, scoring, tasks
 
 
-def test_answer_ids_share_ids_per_problem():
-  ids, names = scoring.answer_ids([["7", None, "1/2"], ["7", "3", "0"], ["8", "3", "1/2"]])
-  np.testing.assert_array_equal(ids, [[0, -1, 0], [0, 0, 1], [1, 0, 0]])
-  assert names == [["7", "8"], ["3"], ["1/2", "0"]]
+def test_answer_classes_number_equal_answers_per_problem():
+  task = tasks.load("arithmetic", size=2)
+  assert task.answer_classes(["7", None, "8", "7", "1/2", "8"]) == [0, -1, 1, 0, 2, 1]
+  assert task.answer_classes([None, None]) == [-1, -1]
+
+
+def test_consensus_counts_ids_beyond_the_number_of_agents():
+  # Classes numbered over two rounds reach 2N - 1: the final round's new
+  # answers 4 (two votes) and 5 must win, not be dropped.
+  ids = jnp.asarray([[4, 5, 0], [4, 5, 3], [0, 5, 3]], jnp.int32)
+  c, votes = scoring.consensus(ids, jax.random.key(0))
+  assert np.asarray(c).tolist() == [4, 5, 3] and np.asarray(votes).tolist() == [2, 3, 2]
 
 
 def test_consensus_majority_ties_and_no_answer():

@@ -1,5 +1,6 @@
 """Tasks: answer keys, verification, splits, prompts, bad input."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -169,11 +170,27 @@ def test_math_equivalence(math_task, index, response, correct):
   assert math_task.is_correct(response, problem) is correct
 
 
+@pytest.mark.parametrize("a,b,same", [
+    ("3x", "3", False), ("3i", "3", False), ("x=5", "5", True), ("2(x+1)", "2x+2", True),
+    (r"\frac{1}{2}", "0.5", True), (r"\dfrac12", "1/2", True), ("1,000", "1000", True),
+    (r"2\sqrt{2}", r"3\sqrt{2}", False), (r"2\sqrt{2}", r"\sqrt{8}", True),
+])
+def test_math_votes_and_grades_in_one_relation(math_task, a, b, same):
+  """Two boxed answers vote together exactly when grading calls them the same."""
+  key = math_task.extract_answer
+  ka, kb = key(rf"so \boxed{{{a}}}"), key(rf"\boxed {{{b}}}.")
+  assert (math_task.answer_classes([ka, kb]) == [0, 0]) is same
+  problem = dataclasses.replace(math_task.problems("all")[0], reference=a)
+  assert math_task.is_correct(rf"\boxed{{{b}}}", problem) is same
+
+
 def test_math_keys_levels_and_threads(math_task, tmp_path):
   key = math_task.extract_answer
-  assert key(r"\boxed{\frac{1}{2}}") == key(r"\boxed{0.5}") == key(r"\boxed{\dfrac{1}{2}}")
-  assert key(r"\boxed{2\sqrt{2}}") != key(r"\boxed{3\sqrt{2}}")
   assert key("nothing boxed") is None and key(r"\boxed{}") is None
+  assert key(r"\boxed {5}") == "5"
+  # A last box that never closes is no answer, even after a closed one.
+  assert key(r"\boxed{4} no, it is \boxed{\frac{5}{") is None
+  assert answers.numeric_answer(r"\boxed{4} no, it is \boxed{5") is None
   path = tmp_path / "m.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in MATH_RECORDS))
   assert [p.fields["level"] for p in tasks.load("math", path=str(path), levels="1,5")

@@ -39,9 +39,14 @@ def boxed_contents(text: str) -> list[str]:
 
 
 def last_boxed(text: str) -> str | None:
-  """The last complete box: when a response boxes several times, the last wins."""
-  boxes = boxed_contents(text)
-  return boxes[-1].strip() if boxes else None
+  """The contents of the last box: when a response boxes several times, the
+  last wins. A last box that never closes (a response cut mid-answer) is no
+  answer, even when an earlier box closed."""
+  spans = boxed_spans(text)
+  if not spans or spans[-1][1] is None:
+    return None
+  start, end = spans[-1]
+  return text[start:end - 1].strip()
 
 
 def number_key(s: str) -> str | None:
@@ -94,8 +99,9 @@ def last_number(text: str) -> str | None:
 
 
 def numeric_answer(text: str) -> str | None:
-  """Key of a response's numeric answer: the last box if any, else the last number."""
-  box = last_boxed(text)
-  if box is not None:
-    return number_key(box)
+  """Key of a response's numeric answer: the last box if it boxed, else the
+  last number."""
+  if boxed_spans(text):  # boxed: the last box decides (an unclosed one is no answer)
+    box = last_boxed(text)
+    return None if box is None else number_key(box)
   return last_number(text)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 SPLITS = ("train", "test", "all")
@@ -55,8 +55,15 @@ def split_problems(problems: list[Problem], split: str, fraction: float) -> list
 
 
 class Task:
-  """Base class. Subclasses set `name` and implement `_all_problems`,
-  `extract_answer` and (optionally) `is_correct`."""
+  """Base class. Subclasses set `name` and implement `_all_problems` and
+  `extract_answer`, and may widen `same_answer` or replace `is_correct`.
+
+  The answer relation. `same_answer(a, b)` on two answer keys is the one
+  equivalence a task has: votes (`answer_classes`), selection and grading
+  (`is_correct`: the response's key is the same answer as the reference)
+  all use it. By default it is equality of keys, which suits tasks whose
+  keys are canonical (exact numbers, letters); MATH widens it to
+  math-verify's equivalence."""
 
   name = "task"
   answer_format = "a single number"
@@ -78,9 +85,35 @@ class Task:
   def extract_answer(self, text: str) -> str | None:
     raise NotImplementedError
 
+  def same_answer(self, a: str, b: str) -> bool:
+    """Do answer keys `a` and `b` give the same answer? (`a` plays the
+    reference when the relation is not symmetric.)"""
+    return a == b
+
+  def answer_classes(self, keys: Sequence[str | None]) -> list[int]:
+    """Class ids 0, 1, ... of the answers to one problem, in order of first
+    appearance; None (no answer) -> -1. An answer joins the first class whose
+    first member is `same_answer` as it (that first member is the class's
+    representative), so a relation wider than equality votes together the
+    answers it equates."""
+    representatives: list[str] = []
+    out = []
+    for k in keys:
+      if k is None:
+        out.append(-1)
+        continue
+      for i, r in enumerate(representatives):
+        if k == r or self.same_answer(r, k):
+          out.append(i)
+          break
+      else:
+        representatives.append(k)
+        out.append(len(representatives) - 1)
+    return out
+
   def is_correct(self, text: str, problem: Problem) -> bool:
     key = self.extract_answer(text)
-    return key is not None and key == problem.reference
+    return key is not None and self.same_answer(problem.reference, key)
 
   def is_correct_many(self, texts: list[str], problems: list[Problem]) -> list[bool]:
     """Verify many responses; tasks with costly checks (code) run them in parallel."""

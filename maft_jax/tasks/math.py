@@ -1,9 +1,13 @@
 """MATH (Hendrycks et al.) from a local JSONL file: problem, solution, level, type.
 
-Answers are the last `\\boxed{}` of a response. Votes use a canonical key:
-exact numbers via `answers.number_key`, other expressions via math-verify's
-sympy parse (so `\\frac{1}{2}`, `0.5` and `\\dfrac12` vote together);
-correctness is math-verify's equivalence check against the reference box.
+The answer relation. An answer is the last `\\boxed{}` of a response (an
+unclosed last box is no answer); its key is the box's text with whitespace
+collapsed. Two answers are the same when math-verify finds them equivalent
+(its sympy parse of both boxes), and by exact text when either cannot be
+parsed. Votes cluster a problem's answers with this relation (`3x` and `3`
+differ; `x=5` and `5`, `2(x+1)` and `2x+2`, `\\frac{1}{2}` and `0.5` agree),
+and grading is the same relation against the reference box, as the paper's
+code clusters answers with its grader.
 
 math-verify's default timeouts use SIGALRM, which only works on the main
 thread. Off the main thread (grain workers, thread pools) we call it with
@@ -13,6 +17,7 @@ needs; on the main thread the default 5-second guards stay on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -35,10 +40,15 @@ def _timeout() -> int | None:
   return 5 if threading.current_thread() is threading.main_thread() else None
 
 
-def parse_box(box: str):
-  """math-verify's parse of one boxed answer ([] when it cannot parse)."""
-  mv = _math_verify()
-  return mv.parse(f"\\boxed{{{box}}}", parsing_timeout=_timeout())
+@functools.lru_cache(maxsize=65536)
+def _parse_cached(box: str, timeout: int | None):
+  return tuple(_math_verify().parse(f"\\boxed{{{box}}}", parsing_timeout=timeout))
+
+
+def parse_box(box: str) -> list:
+  """math-verify's parse of one boxed answer ([] when it cannot parse).
+  Cached: a problem's answers are parsed once for votes and grading."""
+  return list(_parse_cached(box, _timeout()))
 
 
 def _levels(levels) -> frozenset[int] | None:
@@ -99,21 +109,12 @@ class MATH(Task):
 
   def extract_answer(self, text: str) -> str | None:
     box = answers.last_boxed(text)
-    if box is None or not box:
-      return None
-    key = answers.number_key(box)
-    if key is not None:
-      return key
-    parsed = parse_box(box)
-    if parsed:
-      return str(parsed[0])
-    return " ".join(box.split())
+    return " ".join(box.split()) if box else None
 
-  def is_correct(self, text: str, problem: Problem) -> bool:
-    box = answers.last_boxed(text)
-    if not box:
-      return False
-    gold, pred = parse_box(problem.reference), parse_box(box)
+  def same_answer(self, a: str, b: str) -> bool:
+    if a == b:
+      return True
+    gold, pred = parse_box(a), parse_box(b)
     if not gold or not pred:
-      return " ".join(box.split()) == " ".join(problem.reference.split())
+      return " ".join(a.split()) == " ".join(b.split())
     return bool(_math_verify().verify(gold, pred, timeout_seconds=_timeout()))

@@ -60,7 +60,7 @@ def quiet_orbax() -> None:
 TASK_OPTION_FLAG = "--config.task.options."
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values=None) -> list[str]:
   """absl's flag parsing, but a bad flag or `--config.x=` override (unknown
   field, wrong type) exits with one line naming that one flag instead of a
   traceback, and `--config.task.options.KEY=VALUE` reaches the task even
@@ -69,11 +69,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   import sys
 
   from absl import flags
+  fv = flags.FLAGS if flag_values is None else flag_values
   options = [a for a in argv[1:] if a.startswith(TASK_OPTION_FLAG)]
   rest = [a for a in argv if a not in options]
   saved_argv, sys.argv = sys.argv, rest  # ml_collections reads overrides from sys.argv too
   try:
-    out = flags.FLAGS(rest)
+    out = fv(rest)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     inner = e.args[0] if e.args else e
     # ml_collections wraps a KeyError in an AttributeError: unwrap to the text.
@@ -92,13 +93,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   finally:
     sys.argv = saved_argv
   if options:
-    if "config" not in flags.FLAGS or flags.FLAGS.config is None:
+    if "config" not in fv or fv.config is None:
       sys.exit(f"error: {options[0]} needs --config")
     for arg in options:
       key, sep, text = arg[len(TASK_OPTION_FLAG):].partition("=")
       if not sep or not key or "." in key:
         sys.exit(f"error: {arg}: expected {TASK_OPTION_FLAG}KEY=VALUE")
-      task_options = flags.FLAGS.config.task.options
+      task_options = fv.config.task.options
       with task_options.unlocked():
         task_options[key] = option_value(text, task_options.get(key))
   return out

@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dict(
       name="arithmetic",
       options=ml_collections.ConfigDict(),   # keyword options of tasks.load
-      train_size=500,                  # training problems per iteration (first of the split)
+      train_size=500,                  # training problems (Task.split: seeded, disjoint by id)
       test_size=100))                  # held-out problems for evaluation
   c.agents = ml_collections.ConfigDict(dict(
       generators=3,                    # N
@@ -450,8 +450,11 @@ class Run:
     return self._task
 
   def problems(self, split: str) -> list[Problem]:
-    size = self.plan.train_size if split == "train" else self.plan.test_size
-    return self.task.problems(split)[:size]
+    """The run's training ("train") or held-out ("test") problems: exactly
+    task.train_size and task.test_size of them (`Task.split`)."""
+    if getattr(self, "_split", None) is None:
+      self._split = self.task.split(self.plan.train_size, self.plan.test_size)
+    return self._split.train if split == "train" else self._split.test
 
   def base_source(self) -> tuple[str, str]:
     """(kind, path) of the base model, building the demo model when asked."""
@@ -854,19 +857,28 @@ def _pct(x) -> str:
   return "   -  " if x is None else f"{100 * x:5.1f}%"
 
 
+def _pct_se(record, field: str) -> str:
+  """'42.0±2.2' (accuracy and its standard error, in %), or '-'."""
+  from maft_jax import report
+  p, se = report.accuracy(record, field)
+  if p is None:
+    return "-"
+  return f"{100 * p:.1f}" + (f"±{100 * se:.1f}" if se is not None else "")
+
+
 def table(records: Sequence[Mapping[str, Any]], plan: Plan) -> str:
-  """The per-iteration table printed after every iteration."""
+  """The per-iteration table printed after every iteration; accuracies carry
+  ± their standard error (percentage points)."""
   evals = {r["iteration"]: r for r in records if r["stage"] == "eval"}
   sel = {r["iteration"]: r for r in records if r["stage"] == "select"}
-  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * plan.generators}}  {'mean':>6}  "
-           f"{'majority':>8}  {'debate':>6}  {'best-of-N':>9}  {'consensus':>9}  selected"]
+  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * plan.generators}}  {'mean':>10}  "
+           f"{'majority':>10}  {'debate':>10}  {'best-of-N':>10}  {'consensus':>9}  selected"]
   for k in sorted(evals):
     e = evals[k]
     accs = e.get("round1_accuracy", [])
     lines.append(
         f"{k:>4}  {' '.join(_pct(x) for x in accs):<{7 * plan.generators}}  "
-        f"{_pct(float(np.mean(accs)) if accs else None):>6}  "
-        f"{_pct(e.get('majority_accuracy')):>8}  {_pct(e.get('debate_accuracy')):>6}  "
-        f"{_pct(e.get('best_of_n_accuracy')):>9}  {_pct(e.get('consensus_rate')):>9}  "
-        f"{sel[k]['selected'] if k in sel else '-'}")
+        f"{_pct_se(e, 'round1_mean'):>10}  {_pct_se(e, 'majority_accuracy'):>10}  "
+        f"{_pct_se(e, 'debate_accuracy'):>10}  {_pct_se(e, 'best_of_n_accuracy'):>10}  "
+        f"{_pct(e.get('consensus_rate')):>9}  {sel[k]['selected'] if k in sel else '-'}")
   return "\n".join(lines)

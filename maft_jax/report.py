@@ -171,6 +171,34 @@ def pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def binomial_se(p: float | None, n: Any) -> float | None:
+  """sqrt(p (1 - p) / n), or None without a p or a count."""
+  if p is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    return None
+  return math.sqrt(p * (1 - p) / n)
+
+
+def pct_se(p: float | None, se: float | None) -> str:
+  """'42.0% ± 2.2' (the standard error in percentage points), or just '42.0%'."""
+  return pct(p) if p is None or se is None else f"{100 * p:.1f}% ± {100 * se:.1f}"
+
+
+def accuracy(record: Mapping | None, field: str) -> tuple[float | None, float | None]:
+  """(accuracy, its standard error) of an eval record's field. The error is
+  the record's own `<field>_se`, else sqrt(p(1-p)/n) over its `problems`;
+  for `round1_mean` (the generators' mean), n counts every generator's
+  answers: generators x problems."""
+  r = record or {}
+  if field == "round1_mean":
+    accs = _nums(r.get("round1_accuracy")) or []
+    p = _mean(accs)
+    n = r.get("problems")
+    return p, binomial_se(p, n * len(accs) if isinstance(n, int) and accs else None)
+  p = _num(r.get(field))
+  se = _num(r.get(field + "_se"))
+  return p, se if se is not None else binomial_se(p, r.get("problems"))
+
+
 def _fixed(x: float | None, digits: int) -> str:
   return "-" if x is None else f"{x:.{digits}f}"
 
@@ -264,16 +292,16 @@ def iteration_rows(run: Run, baselines: Mapping[str, Run] = {}) -> Table:
   for k in ks:
     ev, sel, ft = by.get((k, "eval")), by.get((k, "select"), {}), by.get((k, "finetune"), {})
     e = ev or {}
-    row = [str(k), pct(round1_mean(ev)), per_agent_accuracy(ev, critics),
-           pct(_num(e.get("debate_accuracy"))), pct(_num(e.get("majority_accuracy"))),
-           pct(_num(e.get("best_of_n_accuracy"))), pct(_num(e.get("consensus_rate"))),
+    row = [str(k), pct_se(*accuracy(ev, "round1_mean")), per_agent_accuracy(ev, critics),
+           pct_se(*accuracy(ev, "debate_accuracy")), pct_se(*accuracy(ev, "majority_accuracy")),
+           pct_se(*accuracy(ev, "best_of_n_accuracy")), pct(_num(e.get("consensus_rate"))),
            _fixed(_num(e.get("distinct_answers")), 2), _fixed(_num(e.get("ngram_overlap")), 3),
            _fixed(offdiag_mean(e.get("cross_nll")), 3),
            per_agent_counts(sel.get("selected"), n, critics),
            _fixed(_mean(_nums(ft.get("final_loss"))), 4)]
     for label in baselines:
       be = base_by[label].get((k, "eval")) or {}
-      row += [pct(round1_mean(be)), pct(_num(be.get("debate_accuracy")))]
+      row += [pct_se(*accuracy(be, "round1_mean")), pct_se(*accuracy(be, "debate_accuracy"))]
     rows.append(row)
   return header, rows
 
@@ -305,6 +333,44 @@ def baseline_rows(run: Run, baselines: Mapping[str, Run] = {}) -> Table:
   return ["baseline", "metric", "accuracy (final)", "best"], rows
 
 
+def method_metric(config: Mapping) -> tuple[str, str]:
+  """(eval field, its name) that a run's method is judged by: the debate
+  when it debates, the majority vote of its N samples when it samples
+  several without debate (majority finetuning), else its round-1 accuracy
+  (one agent: STaR, rejection-sampling finetuning)."""
+  n, _ = _agents(config)
+  rounds = (config.get("eval") or {}).get("rounds") if isinstance(config.get("eval"), dict) else None
+  if isinstance(rounds, int) and rounds >= 2:
+    return "debate_accuracy", "debate"
+  if n is not None and n > 1:
+    return "majority_accuracy", "majority vote"
+  return "round1_mean", "round 1"
+
+
+def paper_rows(run: Run, baselines: Mapping[str, Run] = {}) -> Table:
+  """The paper's Table 1 layout: Base, Majority and Debate (this run's
+  iteration 0), each baseline run, then this run; each "acc ± se", at the
+  final and the best iteration of the finetuned runs."""
+  e0 = latest(run.records).get((0, "eval"))
+  rows = [["Base", "round 1 (mean), iteration 0", pct_se(*accuracy(e0, "round1_mean")), "-"],
+          ["Majority", "majority vote, iteration 0",
+           pct_se(*accuracy(e0, "majority_accuracy")), "-"],
+          ["Debate", "debate, iteration 0", pct_se(*accuracy(e0, "debate_accuracy")), "-"]]
+  for label, r in [*baselines.items(), (f"{run.name} (this run)", run)]:
+    field, name = method_metric(r.config)
+    evals = {k: rec for (k, s), rec in latest(r.records).items() if s == "eval"}
+    cells = ["-", "-"]
+    scored = {k: accuracy(rec, field) for k, rec in evals.items()}
+    scored = {k: v for k, v in scored.items() if v[0] is not None}
+    if scored:
+      k_last = max(scored)
+      k_best = max(scored, key=lambda k: (scored[k][0], -k))   # earliest best
+      cells = [f"{pct_se(*scored[k_last])} (iteration {k_last})",
+               f"{pct_se(*scored[k_best])} (iteration {k_best})"]
+    rows.append([label, name, *cells])
+  return ["method", "metric", "accuracy ± s.e. (final)", "best"], rows
+
+
 def data_rows(run: Run) -> Table:
   """Per-iteration selection counts (total (per agent)) and consensus accuracy."""
   rows = []
@@ -329,6 +395,12 @@ def render(run: Run, baselines: Mapping[str, Run] = {}) -> str:
            "problems; per agent: `G` = generators' round-1 accuracy, `C` = critics' "
            "final-round accuracy.", "", "## Per iteration", ""]
   lines += _table(*iteration_rows(run, baselines))
+  lines += ["", "## As in the paper's Table 1", "",
+            "Accuracy ± its binomial standard error sqrt(p(1-p)/n) on the held-out problems "
+            "(n: problems, times generators for a mean over generators). Base, Majority and "
+            "Debate are this run's iteration 0; each other row is a run at its final and its "
+            "best iteration.", ""]
+  lines += _table(*paper_rows(run, baselines))
   lines += ["", "## Baselines", ""]
   lines += _table(*baseline_rows(run, baselines))
   lines += ["", "## Data", "",
@@ -381,6 +453,18 @@ def _plot(ax, series: Mapping[int, float], scale: float = 1, **kw) -> None:
     ax.plot(xs, [series[k] * scale for k in xs], marker="o", **kw)
 
 
+def _band(ax, run: Run, field: str, color: str) -> None:
+  """A shaded band of ± one standard error around an accuracy series."""
+  points = {k: accuracy(r, field) for (k, st), r in sorted(latest(run.records).items())
+            if st == "eval"}
+  points = {k: v for k, v in points.items() if v[0] is not None and v[1] is not None}
+  if points:
+    xs = sorted(points)
+    ax.fill_between(xs, [100 * (points[k][0] - points[k][1]) for k in xs],
+                    [100 * (points[k][0] + points[k][1]) for k in xs], color=color, alpha=0.15,
+                    lw=0)
+
+
 def _integer_x(ax) -> None:
   from matplotlib.ticker import MaxNLocator
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -407,7 +491,10 @@ def plot_accuracy(run: Run, path: str, baselines: Mapping[str, Run] = {}) -> Non
   _plot(ax, _series(run, _field("majority_accuracy")), scale=100, lw=1.5, color="C2",
         label="majority vote (round 1)")
   _plot(ax, _series(run, _field("debate_accuracy")), scale=100, lw=3, color="C3",
-        label="debate")
+        label="debate (bands: ± 1 s.e.)")
+  for field, color in (("round1_mean", "C0"), ("majority_accuracy", "C2"),
+                       ("debate_accuracy", "C3")):
+    _band(ax, run, field, color)
   best0 = _num((latest(run.records).get((0, "eval")) or {}).get("best_of_n_accuracy"))
   if best0 is not None:
     ax.axhline(100 * best0, color="k", ls=":", lw=1.2, label="best-of-N, iteration 0")
@@ -417,6 +504,7 @@ def plot_accuracy(run: Run, path: str, baselines: Mapping[str, Run] = {}) -> Non
           alpha=0.7, label=f"{label}: round 1 (mean)")
     _plot(ax, _series(b, _field("debate_accuracy")), scale=100, ls="--", lw=2, color=color,
           label=f"{label}: debate")
+    _band(ax, b, method_metric(b.config)[0], color)
   ax.set_ylabel("accuracy (%)")
   ax.set_title(f"{run.name}: {_task_name(run.config)}")
   _integer_x(ax)

@@ -27,7 +27,7 @@ def setup(tokenizer_dir):
 
 def test_rounds_and_who_sees_what(setup):
   tok, gens, critics, task, gen, opts = setup
-  problems = task.problems("all")
+  problems = task.problems()
   d = debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, options=opts,
                  seed=1)
   assert d.num_rounds == 2 and len(d.texts[0]) == 2 and len(d.texts[0][0]) == 3
@@ -47,7 +47,7 @@ def test_rounds_and_who_sees_what(setup):
 
 def test_summarize_and_selected_rows(setup):
   tok, gens, critics, task, gen, opts = setup
-  problems = task.problems("all")
+  problems = task.problems()
   d = debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, options=opts,
                  seed=2, summarize=True)
   for n in range(2):

@@ -20,7 +20,7 @@ def _debate(task, problems, round1, final):
 
 def test_metrics_on_hand_built_debate():
   task = tasks.load("arithmetic", size=2, seed=0)
-  p0, p1 = task.problems("all")
+  p0, p1 = task.problems()
   r0, r1 = int(p0.reference), int(p1.reference)
   box = lambda v, words="so the answer is": f"{words} \\boxed{{{v}}}"  # noqa: E731
   round1 = [[box(r0), box(r1 + 1)],
@@ -38,6 +38,11 @@ def test_metrics_on_hand_built_debate():
   assert m["majority_accuracy"] == 0.5               # round 1: r0 wins, r1+1 wins
   assert m["best_of_n_accuracy"] == 0.5              # nobody had r1 in round 1
   assert m["distinct_answers"] == pytest.approx((2 + 1) / 2)
+  # Every accuracy carries its binomial standard error over the 2 problems.
+  for field in metrics.ACCURACIES:
+    p = np.asarray(m[field])
+    np.testing.assert_allclose(m[field + "_se"], np.sqrt(p * (1 - p) / 2))
+  assert m["round1_accuracy_se"][1] == 0.0 and m["final_accuracy_se"][0] == 0.0
   # Problem 0: slots 0,2 share all 3-grams (1.0), slot 1 differs; problem 1: slots 0,1 identical.
   assert 0 < m["ngram_overlap"] < 1
 

@@ -62,10 +62,10 @@ BASELINE_RECORDS = [_eval(0, [0.40], [0.40], 0.40), _eval(1, [0.47], [0.47], 0.4
                     _eval(2, [0.45], [0.45], 0.44)]
 
 
-def _workdir(path, records, *, generators=N, critics=True, name="maft-demo"):
+def _workdir(path, records, *, generators=N, critics=True, name="maft-demo", rounds=2):
   os.makedirs(path, exist_ok=True)
   config = {"agents": {"generators": generators, "critics": critics}, "iterations": 2,
-            "task": {"name": "arithmetic"}}
+            "task": {"name": "arithmetic"}, "eval": {"rounds": rounds}}
   if name:
     config["name"] = name
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -82,7 +82,8 @@ def run_dir(tmp_path):
 
 @pytest.fixture
 def baseline_dir(tmp_path):
-  return _workdir(tmp_path / "star", BASELINE_RECORDS, generators=1, critics=False, name=None)
+  return _workdir(tmp_path / "star", BASELINE_RECORDS, generators=1, critics=False, name=None,
+                  rounds=1)
 
 
 def _table(text: str, section: str) -> list[dict[str, str]]:
@@ -96,6 +97,11 @@ def _table(text: str, section: str) -> list[dict[str, str]]:
   header = cells(rows[0])
   assert set(rows[1]) <= set("|-"), rows[1]
   return [dict(zip(header, cells(r), strict=True)) for r in rows[2:]]
+
+
+def _se(p, n):
+  """A cell 'acc% ± se' with se = sqrt(p(1-p)/n), in percentage points."""
+  return f"{100 * p:.1f}% ± {100 * (p * (1 - p) / n) ** 0.5:.1f}"
 
 
 def _assert_png(path):
@@ -118,26 +124,42 @@ def test_report_tables(run_dir, baseline_dir, tmp_path):
   rows = {r["iteration"]: r for r in _table(text, "Per iteration")}
   assert list(rows) == ["0", "1", "2"]
   r0, r1, r2 = rows["0"], rows["1"], rows["2"]
-  assert r0["generators round 1 (mean)"] == "42.0%"
+  assert r0["generators round 1 (mean)"] == _se(0.42, 300)   # 3 generators x 100 problems
   assert r0["per agent"] == "G .40 .42 .44 / C .50 .48 .47"
-  assert r0["debate"] == "46.0%" and r0["majority vote (round 1)"] == "44.0%"
-  assert r0["best-of-N"] == "70.0%" and r0["consensus"] == "80.0%"
+  assert r0["debate"] == _se(0.46, 100) and r0["majority vote (round 1)"] == _se(0.44, 100)
+  assert r0["best-of-N"] == _se(0.70, 100) and r0["consensus"] == "80.0%"
   assert r0["distinct answers"] == "1.75" and r0["3-gram overlap"] == "0.300"
   assert r0["cross NLL (off-diag)"] == "2.500"
   assert r0["selected examples"] == "-" and r0["finetune loss (mean)"] == "-"
   # Iteration 1: the resumed record wins; missing fields are "-"; null loss skipped.
-  assert r1["generators round 1 (mean)"] == "48.0%" and r1["debate"] == "52.0%"
+  assert r1["generators round 1 (mean)"] == _se(0.48, 300) and r1["debate"] == _se(0.52, 100)
   assert r1["per agent"] == "G .45 .47 .52 / C .55 .50 .51"
   assert r1["best-of-N"] == "-" and r1["3-gram overlap"] == "-"
   assert r1["cross NLL (off-diag)"] == "-"
   assert r1["selected examples"] == "G 12 10 9 / C 8 7 6"
   assert r1["finetune loss (mean)"] == "0.9000"
-  assert r2["debate"] == "55.0%" and r2["generators round 1 (mean)"] == "51.3%"
+  assert r2["debate"] == _se(0.55, 100)
+  assert r2["generators round 1 (mean)"] == _se((0.50 + 0.51 + 0.53) / 3, 300)
   assert r2["cross NLL (off-diag)"] == "3.100"           # (5 * 3.6 + 25 * 3.0) / 30
   assert r2["finetune loss (mean)"] == "0.3000"
   assert r2["selected examples"] == "G 11 11 11 / C 5 5 5"
-  assert [rows[k]["single-agent FT: debate"] for k in "012"] == ["40.0%", "46.0%", "44.0%"]
-  assert rows["1"]["single-agent FT: round 1 (mean)"] == "47.0%"
+  assert [rows[k]["single-agent FT: debate"] for k in "012"] == [
+      _se(p, 100) for p in (0.40, 0.46, 0.44)]
+  assert rows["1"]["single-agent FT: round 1 (mean)"] == _se(0.47, 100)
+
+  # The paper's layout: Base, Majority, Debate at iteration 0, then each run
+  # by the metric its method is judged by (one agent: round 1; MAFT: debate).
+  paper = {r["method"]: r for r in _table(text, "As in the paper's Table 1")}
+  assert list(paper) == ["Base", "Majority", "Debate", "single-agent FT", "maft-demo (this run)"]
+  assert paper["Base"]["accuracy ± s.e. (final)"] == _se(0.42, 300)
+  assert paper["Majority"]["accuracy ± s.e. (final)"] == _se(0.44, 100)
+  assert paper["Debate"]["accuracy ± s.e. (final)"] == _se(0.46, 100)
+  star = paper["single-agent FT"]
+  assert star["metric"] == "round 1"
+  assert star["accuracy ± s.e. (final)"] == _se(0.45, 100) + " (iteration 2)"
+  assert star["best"] == _se(0.47, 100) + " (iteration 1)"
+  ours = paper["maft-demo (this run)"]
+  assert ours["metric"] == "debate" and ours["best"] == _se(0.55, 100) + " (iteration 2)"
 
   base = {(r["baseline"], r["metric"]): r for r in _table(text, "Baselines")}
   assert base["base model", "generators round 1 (mean), iteration 0"]["accuracy (final)"] == "42.0%"
@@ -167,7 +189,7 @@ def test_report_with_only_iteration_0(tmp_path):
   text = open(paths[0]).read()
   assert text.startswith("# fresh: arithmetic\n")
   (row,) = _table(text, "Per iteration")
-  assert row["generators round 1 (mean)"] == "37.5%" and row["per agent"] == "G .25 .50"
+  assert row["generators round 1 (mean)"] == _se(0.375, 200) and row["per agent"] == "G .25 .50"
   assert row["majority vote (round 1)"] == "-" and row["cross NLL (off-diag)"] == "-"
   assert "No selection records yet." in text
 

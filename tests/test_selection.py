@@ -109,7 +109,7 @@ def check_selection(keys_RxNxB, rows, summary, decided, problems, critic_weight)
 @pytest.fixture(scope="module")
 def arith():
   task = tasks.load("arithmetic", size=B, seed=0)
-  return task, task.problems("all")[:B]
+  return task, task.problems()[:B]
 
 
 def _select(task, problems, d, seed=0, w=0.5, mode="paper"):
@@ -192,7 +192,7 @@ def test_ties_are_seeded_and_every_tied_answer_can_win(arith):
 @pytest.fixture
 def hand_built():
   task = tasks.load("arithmetic", size=4, seed=0)
-  problems = task.problems("all")[:4]
+  problems = task.problems()[:4]
   ref = [int(p.reference) for p in problems]
   # 3 slots x 4 problems. Final round: problem 0 -> 2 of 3 say ref; problem 1 ->
   # all wrong (same wrong answer); problem 2 -> slot 2 alone is right, 0 and 1 agree on

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from maft_jax import tasks
-from maft_jax.tasks import answers, arithmetic, prompts
+from maft_jax.tasks import answers, arithmetic, base, prompts
 from maft_jax.tasks.base import TaskError
 
 # (response text, expected key): the tricky cases.
@@ -63,19 +63,29 @@ def test_arithmetic_generator_and_checker(seed, index):
   assert arithmetic.make_problem(seed, index) == p  # deterministic
 
 
-def test_splits_disjoint_stable_and_same_in_another_process():
-  task = tasks.load("arithmetic", size=500, seed=3)
-  train, test = task.problems("train"), task.problems("test")
-  assert {p.id for p in train}.isdisjoint({p.id for p in test})
-  assert len(train) + len(test) == 500 and 60 < len(test) < 140
-  code = ("from maft_jax import tasks; import json; "
-          "print(json.dumps([p.id for p in tasks.load('arithmetic', size=500, seed=3)"
-          ".problems('test')]))")
+def test_split_sizes_are_exact_disjoint_seeded_and_the_same_in_another_process():
+  task = tasks.load("arithmetic", size=1200, seed=3)
+  split = task.split(train_size=500, test_size=500)
+  train, test = [p.id for p in split.train], [p.id for p in split.test]
+  assert len(train) == 500 and len(test) == 500 and not set(train) & set(test)
+  code = ("from maft_jax import tasks; import json; s = tasks.load('arithmetic', size=1200, "
+          "seed=3).split(500, 500); print(json.dumps([[p.id for p in s.train], "
+          "[p.id for p in s.test]]))")
   other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert json.loads(other.stdout) == [p.id for p in test]
-  # Growing the problem set never moves an existing problem across splits.
-  bigger = {p.id for p in tasks.load("arithmetic", size=800, seed=3).problems("test")}
-  assert {p.id for p in test} <= bigger
+  assert json.loads(other.stdout) == [train, test]
+  assert task.split(500, 500) == split                     # a second run
+  # A shuffle, not the file order; its seed is a task option.
+  assert test != [p.id for p in task.problems()[:500]]
+  reseeded = tasks.load("arithmetic", size=1200, seed=3, split_seed=1).split(500, 500)
+  assert [p.id for p in reseeded.test] != test
+  # The file's order does not matter: the order is a hash of (seed, id).
+  reversed_split = base.split_problems(task.problems()[::-1], 500, 500, seed=0)
+  assert reversed_split == split
+  # A source smaller than both: divided in the ratio, at least one each.
+  small = tasks.load("arithmetic", size=10).split(train_size=500, test_size=500)
+  assert (len(small.train), len(small.test)) == (5, 5)
+  small = tasks.load("arithmetic", size=10).split(train_size=8, test_size=1)
+  assert (len(small.train), len(small.test)) == (8, 1)
 
 
 def _gsm8k_file(tmp_path, lines):
@@ -89,8 +99,8 @@ GOOD = [json.dumps({"question": f"Q{i}: what is {i}+{i}?",
 
 
 def test_gsm8k_loads_and_verifies(tmp_path):
-  task = tasks.load("gsm8k", path=_gsm8k_file(tmp_path, GOOD), test_fraction=0.5)
-  problems = task.problems("all")
+  task = tasks.load("gsm8k", path=_gsm8k_file(tmp_path, GOOD))
+  problems = task.problems()
   assert len(problems) == 40 and problems[0].reference == "800"
   assert task.is_correct(r"... \boxed{800}", problems[0])
   assert task.is_correct("so that's $800.00 in total", problems[0])
@@ -101,21 +111,25 @@ def test_gsm8k_bad_records(tmp_path):
   bad = GOOD[:3] + ['{"question": "broken', json.dumps({"question": "no answer"})] + GOOD[3:]
   path = _gsm8k_file(tmp_path, bad)
   with pytest.raises(TaskError, match=f"{path}:4: malformed record"):
-    tasks.load("gsm8k", path=path).problems("all")
+    tasks.load("gsm8k", path=path).problems()
   fixed = bad[:3] + bad[4:]
   path2 = _gsm8k_file(tmp_path, fixed)
   with pytest.raises(TaskError, match=r"gsm8k.jsonl:4: missing field 'answer'"):
-    tasks.load("gsm8k", path=path2).problems("all")
+    tasks.load("gsm8k", path=path2).problems()
   task = tasks.load("gsm8k", path=path, on_bad_record="skip")
-  assert len(task.problems("all")) == 40 and task.skipped == 1  # json skipped in read_jsonl
-  with pytest.raises(TaskError, match="split is empty"):
-    tasks.load("gsm8k", path=_gsm8k_file(tmp_path, GOOD[:1]), test_fraction=0.01).problems("test")
+  assert len(task.problems()) == 40 and task.skipped == 1  # json skipped in read_jsonl
+  with pytest.raises(TaskError, match="need at least 2"):
+    tasks.load("gsm8k", path=_gsm8k_file(tmp_path, GOOD[:1])).split(10, 10)
+  dup = _gsm8k_file(tmp_path, GOOD[:2] + GOOD[:1])
+  with pytest.raises(TaskError, match="occurs more than once"):
+    tasks.load("gsm8k", path=dup).split(1, 1)
 
 
 def test_unknown_task_and_option():
   with pytest.raises(TaskError, match="unknown task 'nope'; tasks: arithmetic, gsm8k, humaneval, math"):
     tasks.load("nope")
-  with pytest.raises(TaskError, match="unexpected keyword argument 'colour'"):
+  with pytest.raises(TaskError, match="task 'arithmetic' has no option colour; its options: "
+                     "max_value, seed, size, split_seed"):
     tasks.load("arithmetic", colour=1)
 
 
@@ -151,7 +165,7 @@ MATH_RECORDS = [
 def math_task(tmp_path):
   path = tmp_path / "math.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in MATH_RECORDS))
-  return tasks.load("math", path=str(path), test_fraction=0.5)
+  return tasks.load("math", path=str(path))
 
 
 @pytest.mark.parametrize("index,response,correct", [
@@ -166,7 +180,7 @@ def math_task(tmp_path):
     (3, r"\boxed{(1,2)}", True),
 ])
 def test_math_equivalence(math_task, index, response, correct):
-  problem = math_task.problems("all")[index]
+  problem = math_task.problems()[index]
   assert math_task.is_correct(response, problem) is correct
 
 
@@ -180,7 +194,7 @@ def test_math_votes_and_grades_in_one_relation(math_task, a, b, same):
   key = math_task.extract_answer
   ka, kb = key(rf"so \boxed{{{a}}}"), key(rf"\boxed {{{b}}}.")
   assert (math_task.answer_classes([ka, kb]) == [0, 0]) is same
-  problem = dataclasses.replace(math_task.problems("all")[0], reference=a)
+  problem = dataclasses.replace(math_task.problems()[0], reference=a)
   assert math_task.is_correct(rf"\boxed{{{b}}}", problem) is same
 
 
@@ -194,10 +208,10 @@ def test_math_keys_levels_and_threads(math_task, tmp_path):
   path = tmp_path / "m.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in MATH_RECORDS))
   assert [p.fields["level"] for p in tasks.load("math", path=str(path), levels="1,5")
-          .problems("all")] == [1, 5]
+          .problems()] == [1, 5]
   # math-verify's default timeout uses signals: it must work off the main thread.
   from concurrent.futures import ThreadPoolExecutor
-  problems = math_task.problems("all")
+  problems = math_task.problems()
   with ThreadPoolExecutor(2) as pool:
     results = list(pool.map(lambda p: math_task.is_correct(r"\boxed{0.5}", p), problems))
   assert results == [True, False, False, False]
@@ -207,7 +221,7 @@ def test_math_bad_records(tmp_path):
   path = tmp_path / "bad.jsonl"
   path.write_text(json.dumps({"problem": "p", "solution": "no box", "level": "Level 1"}) + "\n")
   with pytest.raises(TaskError, match=r"bad.jsonl:1: field 'solution' has no \\boxed"):
-    tasks.load("math", path=str(path)).problems("all")
+    tasks.load("math", path=str(path)).problems()
   with pytest.raises(TaskError, match="levels are 1..5"):
     tasks.load("math", path=str(path), levels="7")
 
@@ -220,7 +234,7 @@ def test_multiple_choice_jsonl_and_csv(tmp_path):
                 + "\n" + json.dumps({"question": "Sky?", "choices": ["blue", "red"],
                                      "answer": "a"}) + "\n")
   task = tasks.load("multiple_choice", path=str(jl))
-  p0, p1 = task.problems("all")
+  p0, p1 = task.problems()
   assert p0.reference == "B" and p1.reference == "A" and "B) 4" in p0.question
   for text, key in [(r"\boxed{B}", "B"), (r"\boxed{(c)}", "C"), (r"\boxed{\text{D}}", "D"),
                     ("The answer is (B).", "B"), ("I pick (A) ... no, (C)", "C"),
@@ -229,19 +243,19 @@ def test_multiple_choice_jsonl_and_csv(tmp_path):
   assert task.is_correct(r"\boxed{B}", p0) and not task.is_correct(r"\boxed{A}", p0)
   csv_path = tmp_path / "mmlu.csv"
   csv_path.write_text('"What, exactly?",w,x,y,z,D\nQ2,a,b,c,d,A\n')
-  c0, c1 = tasks.load("multiple_choice", path=str(csv_path)).problems("all")
+  c0, c1 = tasks.load("multiple_choice", path=str(csv_path)).problems()
   assert c0.reference == "D" and c0.question.startswith("What, exactly?")
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "E"}) + "\n")
   with pytest.raises(TaskError, match=r"bad.jsonl:1: field 'answer'='E' is not one of AB"):
-    tasks.load("multiple_choice", path=str(bad)).problems("all")
+    tasks.load("multiple_choice", path=str(bad)).problems()
 
 
 # --- reasoning-gym --------------------------------------------------------------
 
 def test_reasoning_gym_uses_its_scorer():
   task = tasks.load("reasoning_gym:basic_arithmetic", size=20, seed=1)
-  problems = task.problems("all")
+  problems = task.problems()
   assert len(problems) == 20 and len({p.id for p in problems}) == 20
   p = problems[0]
   assert task.is_correct(f"so \\boxed{{{p.reference}}}", p)
@@ -258,9 +272,9 @@ def test_gsm8k_parquet(tmp_path):
   path = str(tmp_path / "gsm8k.parquet")
   pq.write_table(pa.Table.from_pylist(rows), path)
   with pytest.raises(TaskError, match=r"gsm8k.parquet: row 6: field 'answer' does not end"):
-    tasks.load("gsm8k", path=path).problems("all")
+    tasks.load("gsm8k", path=path).problems()
   task = tasks.load("gsm8k", path=path, on_bad_record="skip")
-  assert [p.reference for p in task.problems("all")] == ["800", "802", "804", "806", "808"]
+  assert [p.reference for p in task.problems()] == ["800", "802", "804", "806", "808"]
 
 
 # --- humaneval (runs completions in maft_jax.sandbox) ---------------------------
@@ -271,7 +285,7 @@ def test_humaneval_canonical_passes_and_wrong_fails():
     task = tasks.load("humaneval", limits=sandbox.Limits(wall_seconds=20))
   except sandbox.SandboxUnavailable as e:
     pytest.skip(str(e))
-  problems = task.problems("all")
+  problems = task.problems()
   assert len(problems) == 164
   chosen = problems[:6]
   # Base-model style (continue the prompt) and chat style (a fenced whole function).

@@ -140,3 +140,37 @@ def test_train_config_errors_are_one_line(tmp_path):
   proc = cli.run("train", "--config=configs/demo.py:bogus", work, check=False)
   assert proc.returncode != 0 and "variant='bogus'" in proc.stderr.splitlines()[-1]
   assert not os.path.exists(tmp_path / "w")   # nothing was written or built
+
+
+def _parse(*args):
+  """launch.common.parse_flags on a fresh flag set holding --config."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from launch import common
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  common.parse_flags(["prog", *args], flag_values=fv)
+  return fv.config
+
+
+def test_task_options_from_the_command_line(monkeypatch):
+  import pytest
+
+  from maft_jax import loop
+  monkeypatch.chdir(cli.ROOT)
+  # An option the config file never declared reaches the task, typed.
+  c = _parse(CONFIG, "--config.task.options.split_seed=3", "--config.task.options.max_value=5")
+  assert c.task.options.split_seed == 3 and c.task.options.max_value == 5
+  assert loop.validate(c).task_options["split_seed"] == 3
+  c = _parse("--config=configs/paper.py:task=math", "--config.task.options.levels=1,2")
+  assert c.task.options.levels == "1,2"
+  # One the task does not know is refused by the task, which lists its options.
+  c = _parse(CONFIG, "--config.task.options.colour=1")
+  with pytest.raises(loop.ConfigError, match="no option colour; its options: max_value, seed"):
+    loop.validate(c)
+  # A bad override names that one flag, not the others.
+  with pytest.raises(SystemExit, match=r"'roundz' in --config.debate.roundz=3;"):
+    _parse(CONFIG, "--config.debate.rounds=2", "--config.debate.roundz=3")
+  with pytest.raises(SystemExit, match="expected int"):
+    _parse(CONFIG, "--config.task.options.max_value=five")

@@ -1,7 +1,8 @@
 """Tasks: problem sources, answer keys, verifiers and prompts.
 
     task = maft_jax.tasks.load("gsm8k", path="train.jsonl")
-    task.problems("train"); task.extract_answer(text); task.is_correct(text, problem)
+    split = task.split(train_size=500, test_size=500)   # seeded, exact, disjoint by id
+    task.extract_answer(text); task.same_answer(a, b); task.is_correct(text, problem)
 
 Task-specific packages are imported where a task is built, never here.
 """
@@ -21,21 +22,33 @@ _REGISTRY = {
 
 def load(name: str, **options) -> Task:
   """A task by name; `reasoning_gym:<dataset>` selects any reasoning-gym dataset."""
+  import importlib
   if name.startswith("reasoning_gym:"):
-    from maft_jax.tasks.reasoning_gym_task import ReasoningGym
-    try:
-      return ReasoningGym(dataset=name.split(":", 1)[1], **options)
-    except TypeError as e:
-      raise TaskError(f"task {name!r}: {e}") from None
-  if name not in _REGISTRY:
+    module, cls, fixed = "maft_jax.tasks.reasoning_gym_task", "ReasoningGym", {
+        "dataset": name.split(":", 1)[1]}
+  elif name in _REGISTRY:
+    (module, cls), fixed = _REGISTRY[name], {}
+  else:
     raise TaskError(f"unknown task {name!r}; tasks: {', '.join(sorted(_REGISTRY))}, "
                     "reasoning_gym:<dataset>")
-  import importlib
-  module, cls = _REGISTRY[name]
-  try:
-    return getattr(importlib.import_module(module), cls)(**options)
-  except TypeError as e:  # unknown option
-    raise TaskError(f"task {name!r}: {e}") from None
+  task_class = getattr(importlib.import_module(module), cls)
+  known = option_names(task_class) - set(fixed)
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise TaskError(f"task {name!r} has no option {', '.join(unknown)}; its options: "
+                    f"{', '.join(sorted(known))}")
+  return task_class(**fixed, **options)
+
+
+def option_names(task_class) -> set[str]:
+  """The keyword options a task class accepts (its own and its bases')."""
+  import inspect
+  names = set()
+  for klass in task_class.__mro__:
+    if "__init__" in vars(klass) and issubclass(klass, Task):
+      names |= {p.name for p in inspect.signature(klass.__init__).parameters.values()
+                if p.kind == p.KEYWORD_ONLY}
+  return names
 
 
 __all__ = ["Problem", "Task", "TaskError", "load"]

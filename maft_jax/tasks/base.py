@@ -1,8 +1,12 @@
 """The task interface: problems, answer keys, verification, prompts.
 
-`Task.problems(split)` returns `Problem`s with stable ids. The train /
-held-out split is decided by a hash of the id alone, so it is disjoint by
-problem id and identical across runs, processes and machines: we never
+`Task.problems()` returns `Problem`s with stable ids, in the source's order.
+`Task.split(train_size, test_size)` shuffles them with a seed (`split_seed`,
+a task option) and takes exactly `test_size` held-out problems, then exactly
+`train_size` training problems, whenever the source holds that many, as the
+paper samples 500 + 500 problems. The shuffle orders problems by a hash of
+(seed, id), so the split is disjoint by problem id and identical across
+runs, processes and machines, whatever the order of the file: we never
 evaluate on a training problem.
 """
 
@@ -16,9 +20,6 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-SPLITS = ("train", "test", "all")
-
-
 class TaskError(ValueError):
   """Bad task data or options; the message names the file, line or field."""
 
@@ -31,27 +32,39 @@ class Problem:
   fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def held_out(problem_id: str, fraction: float) -> bool:
-  """Deterministic membership of the held-out split, by id only."""
-  digest = hashlib.sha256(problem_id.encode()).digest()
-  return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def split_problems(problems: list[Problem], split: str, fraction: float) -> list[Problem]:
-  if split not in SPLITS:
-    raise TaskError(f"split {split!r}; splits are {SPLITS}")
+def shuffled(problems: Sequence[Problem], seed: int) -> list[Problem]:
+  """`problems` in the seeded order of the split: by sha256 of (seed, id)."""
   ids = [p.id for p in problems]
   if len(set(ids)) != len(ids):
     dup = next(i for i in ids if ids.count(i) > 1)
     raise TaskError(f"problem id {dup!r} occurs more than once")
-  if split == "all":
-    out = problems
-  else:
-    out = [p for p in problems if held_out(p.id, fraction) == (split == "test")]
-  if not out:
-    raise TaskError(f"the {split!r} split is empty ({len(problems)} problems, "
-                    f"held-out fraction {fraction})")
-  return out
+  rank = lambda p: hashlib.sha256(f"{seed}:{p.id}".encode()).digest()  # noqa: E731
+  return sorted(problems, key=rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  train: list[Problem]
+  test: list[Problem]
+
+
+def split_problems(problems: Sequence[Problem], train_size: int, test_size: int,
+                   seed: int) -> Split:
+  """Held-out problems first, then training problems, from the seeded order.
+  A source smaller than train_size + test_size is divided in that ratio
+  (at least one problem each), with a warning."""
+  if train_size < 1 or test_size < 1:
+    raise TaskError(f"train_size={train_size}, test_size={test_size}: both must be >= 1")
+  order = shuffled(problems, seed)
+  n = len(order)
+  if n < 2:
+    raise TaskError(f"{n} problem(s): a training and a held-out split need at least 2")
+  k = test_size
+  if n < train_size + test_size:
+    k = min(max(1, round(n * test_size / (train_size + test_size))), n - 1)
+    logging.warning("the task has %d problems, fewer than train_size=%d + test_size=%d: "
+                    "%d held out, %d for training", n, train_size, test_size, k, n - k)
+  return Split(train=order[k:k + train_size], test=order[:k])
 
 
 class Task:
@@ -68,19 +81,25 @@ class Task:
   name = "task"
   answer_format = "a single number"
 
-  def __init__(self, *, test_fraction: float = 0.2):
-    if not 0 < test_fraction < 1:
-      raise TaskError(f"test_fraction={test_fraction} must be in (0, 1)")
-    self.test_fraction = test_fraction
+  def __init__(self, *, split_seed: int = 0):
+    if not isinstance(split_seed, int) or isinstance(split_seed, bool):
+      raise TaskError(f"split_seed={split_seed!r} must be an integer")
+    self.split_seed = split_seed
     self._cache: list[Problem] | None = None
 
   def _all_problems(self) -> list[Problem]:
     raise NotImplementedError
 
-  def problems(self, split: str = "train") -> list[Problem]:
+  def problems(self) -> list[Problem]:
+    """Every problem of the source, in its order."""
     if self._cache is None:
       self._cache = self._all_problems()
-    return split_problems(self._cache, split, self.test_fraction)
+    return list(self._cache)
+
+  def split(self, train_size: int, test_size: int) -> Split:
+    """Exactly `train_size` training and `test_size` held-out problems (see
+    the module docstring)."""
+    return split_problems(self.problems(), train_size, test_size, self.split_seed)
 
   def extract_answer(self, text: str) -> str | None:
     raise NotImplementedError

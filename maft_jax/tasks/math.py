@@ -54,7 +54,8 @@ def parse_box(box: str) -> list:
 def _levels(levels) -> frozenset[int] | None:
   if levels is None or levels == "":
     return None
-  items = levels.split(",") if isinstance(levels, str) else list(levels)
+  items = (levels.split(",") if isinstance(levels, str) else [levels] if isinstance(levels, int)
+           else list(levels))
   try:
     out = frozenset(int(str(x).strip().removeprefix("Level ").strip()) for x in items)
   except ValueError:

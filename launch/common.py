@@ -100,8 +100,9 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
       if not sep or not key or "." in key:
         sys.exit(f"error: {arg}: expected {TASK_OPTION_FLAG}KEY=VALUE")
       task_options = fv.config.task.options
+      kind = task_options.get_type(key) if key in task_options else None
       with task_options.unlocked():
-        task_options[key] = option_value(text, task_options.get(key))
+        task_options[key] = option_value(text, kind)
   return out
 
 
@@ -115,20 +116,24 @@ def _flag_naming(argv: list[str], field: str) -> str:
   return " ".join(config_args)
 
 
-def option_value(text: str, current=None):
-  """A task option's value from the command line: the type of the value the
-  config file gave it, else an int, float, bool (true/false) or string."""
-  if isinstance(current, bool) or (current is None and text.lower() in ("true", "false")):
+def option_value(text: str, kind: type | None = None):
+  """A task option's value from the command line: of the type the config
+  file declared for it (`kind`), else an int, float, bool (true/false) or
+  string, whichever parses first."""
+  def bad(expected: str):
+    return SystemExit(f"error: {TASK_OPTION_FLAG}...={text}: expected {expected}")
+  if kind is bool or (kind is None and text.lower() in ("true", "false")):
     if text.lower() not in ("true", "false"):
-      raise SystemExit(f"error: {TASK_OPTION_FLAG}...={text}: expected true or false")
+      raise bad("true or false")
     return text.lower() == "true"
-  for kind in ((type(current),) if isinstance(current, (int, float)) else (int, float)):
+  if kind is str:
+    return text
+  for k in ((kind,) if kind in (int, float) else (int, float)):
     try:
-      return kind(text)
+      return k(text)
     except ValueError:
-      if current is not None:
-        raise SystemExit(f"error: {TASK_OPTION_FLAG}...={text}: expected "
-                         f"{type(current).__name__}") from None
+      if kind is not None:
+        raise bad(kind.__name__) from None
   return text
 
 

@@ -82,9 +82,10 @@ def rows_problems(rows, problems):
           for agent in rows]
 
 
-def check_selection(keys_RxNxB, rows, summary, decided, problems, critic_weight):
+def check_selection(keys_RxNxB, got, summary, decided, critic_weight):
   """What select wrote follows from the transcript's keys: its consensus is
-  a majority of the last round, and the rows are the rule's sets."""
+  a majority of the last round, and the rows are the rule's sets. `got`:
+  the problem index of every row, per agent."""
   majorities = majority_keys(keys_RxNxB[-1])
   consensus = decided["consensus"]
   for b, (tops, top) in enumerate(majorities):
@@ -92,7 +93,6 @@ def check_selection(keys_RxNxB, rows, summary, decided, problems, critic_weight)
     assert decided["votes"][b] == top
   d_g, d_minus, d_plus, kept = expected_selection(keys_RxNxB, consensus, critic_weight)
   n_slots = len(keys_RxNxB[0])
-  got = rows_problems(rows, problems)
   assert [set(g) for g in got[:n_slots]] == d_g
   assert [len(g) for g in got[:n_slots]] == [len(s) for s in d_g]   # one row per problem
   assert summary["d_g"] == [len(s) for s in d_g]
@@ -102,8 +102,6 @@ def check_selection(keys_RxNxB, rows, summary, decided, problems, critic_weight)
   for n, critic in enumerate(got[n_slots:]):
     assert d_minus[n] <= set(critic) <= d_minus[n] | d_plus[n]
     assert len(critic) == len(d_minus[n]) + kept[n] == len(set(critic))
-  for agent in rows[n_slots:]:           # a critic's rows are its last-round responses
-    assert all("These are the solutions" in r["prompt"] for r in agent)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +159,9 @@ def test_selection_follows_from_the_last_round_majority(arith, answers, seed, w)
   task, problems = arith
   d = debate_of(task, problems, answers)
   rows, summary, decided = _select(task, problems, d, seed=seed, w=w)
-  check_selection(d.keys, rows, summary, decided, problems, w)
+  check_selection(d.keys, rows_problems(rows, problems), summary, decided, w)
+  for agent in rows[N:]:                 # a critic's rows are its last-round responses
+    assert all("These are the solutions" in r["prompt"] for r in agent)
   # Evaluation decides by the same rule: without ties, the same majority is right.
   m = metrics.evaluate(d, task, problems, jax.random.key(seed))
   majorities = majority_keys(d.keys[-1])
@@ -273,3 +273,32 @@ def test_cross_agent_selection_copies_follow_the_weights(hand_built):
       if correct[a, b]:
         assert any(r["completion"] == d.texts[0][a][b] for r in rows[a])
   assert summary["selected"][:N] == [len(r) for r in rows[:N]]
+
+
+def check_stage_records(workdir, iteration, critic_weight, tokenizer=None):
+  """The select stage's files of `iteration` follow from the debate stage's
+  transcript: each row is one slot's own response as the transcript holds
+  it (round 1 for generators, the last round for critics), and the rows,
+  the counts and the consensus obey `check_selection`."""
+  import json
+  import os
+  it = os.path.join(workdir, f"iter_{iteration:02d}")
+  with open(os.path.join(it, "debate", "debate.json")) as f:
+    d = json.load(f)
+  with open(os.path.join(it, "select", "consensus.json")) as f:
+    decided = json.load(f)
+  with open(os.path.join(it, "select", "summary.json")) as f:
+    summary = json.load(f)
+  assert decided["problem_ids"] == d["problem_ids"]
+  n_slots, last = len(d["texts"][0]), len(d["texts"]) - 1
+  got = []
+  for a in range(2 * n_slots):
+    r = 0 if a < n_slots else last
+    n = a % n_slots
+    with open(os.path.join(it, "select", f"agent_{a}.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    where = {(prompts.to_text(m, tokenizer)[0], d["texts"][r][n][b]): b
+             for b, m in enumerate(d["messages"][r][n])}
+    got.append([where[(row["prompt"], row["completion"])] for row in rows])
+  check_selection(d["keys"], got, summary, decided, critic_weight)
+

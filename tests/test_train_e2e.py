@@ -69,6 +69,12 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
                     s["iteration"] == r["iteration"])
       assert r["examples"] == select["selected"]
       assert [s > 0 for s in r["steps"]] == [e > 0 for e in r["examples"]]
+  # What each select stage wrote follows from its debate's transcript.
+  from maft_jax.tokenizer import Tokenizer
+  from tests.test_selection import check_stage_records
+  tok = Tokenizer(os.path.join(work, "demo_base"))
+  for k in (1, 2):
+    check_stage_records(work, k, critic_weight=0.5, tokenizer=tok)
   # The table is printed after every evaluation.
   assert proc.stdout.count("iter  agents (round 1)") == 3
   # Checkpoint contents: the population of each iteration, loadable, with its tokenizer.
@@ -163,8 +169,9 @@ def test_task_options_from_the_command_line(monkeypatch):
   c = _parse(CONFIG, "--config.task.options.split_seed=3", "--config.task.options.max_value=5")
   assert c.task.options.split_seed == 3 and c.task.options.max_value == 5
   assert loop.validate(c).task_options["split_seed"] == 3
-  c = _parse("--config=configs/paper.py:task=math", "--config.task.options.levels=1,2")
-  assert c.task.options.levels == "1,2"
+  c = _parse("--config=configs/paper.py:task=math", "--config.task.options.levels=1,2",
+             "--config.task.options.path=7")
+  assert c.task.options.levels == "1,2" and c.task.options.path == "7"   # declared strings
   # One the task does not know is refused by the task, which lists its options.
   c = _parse(CONFIG, "--config.task.options.colour=1")
   with pytest.raises(loop.ConfigError, match="no option colour; its options: max_value, seed"):

@@ -46,3 +46,16 @@ def hf_models(tmp_path_factory, tokenizer_dir):
           family, str(tmp_path_factory.mktemp(family)), tokenizer_dir)
     return cache[family]
   return get
+
+
+# The longest tests (a minute or more, mostly subprocesses) start first, so
+# that with `-n 2` neither worker is left running one of them alone at the end.
+HEAVY = ("test_smoke_two_iterations_resume_evaluate_report",
+         "test_two_processes_run_one_iteration_like_one_process",
+         "test_finetune_cli_empty_file_means_no_update", "test_train_step_on_meshes_matches_one_device",
+         "test_sampling_on_meshes_matches_one_device",
+         "test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh")
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: item.originalname not in HEAVY)  # stable: order kept otherwise

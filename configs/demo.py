@@ -13,7 +13,7 @@ Variants (after the colon, comma-separated; a method name from
 configs/methods.py selects a baseline through the same code):
 
     configs/demo.py:smoke                 minimal sizes, for tests (seconds per stage)
-    configs/demo.py:single_agent          STaR on the same base, for comparison
+    configs/demo.py:star                  STaR on the same base, for comparison
     configs/demo.py:smoke,no_critic       combinations work too
 """
 

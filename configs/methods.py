@@ -7,8 +7,14 @@
     ground_truth  MAFT with agreement replaced by verification against references
     cross_agent   verified responses from any agent, weighted toward an agent's
                   failures and the responses it finds unlikely (see loop.select)
-    single_agent  STaR / rejection-sampling finetuning: one agent, one round,
-                  trained on its own verified answers
+    star          STaR as published (Zelikman et al. 2022): one agent, one round;
+                  every iteration restarts from the base and trains on the union so
+                  far of its verified rationales and of its verified
+                  rationalisations of failures (asked with the answer as a hint,
+                  trained without it)
+    single_agent  rejection-sampling finetuning (RFT): one agent, one round,
+                  trained on its own verified answers, continuing from the
+                  previous iteration
     majority_ft   one model (N slots share it) trained on its samples that agree
                   with the majority vote
     base          no finetuning (iterations = 0): the evaluation of the base gives
@@ -16,7 +22,7 @@
 """
 
 METHODS = ("maft", "no_critic", "five_agents", "summarize", "ground_truth", "cross_agent",
-           "single_agent", "majority_ft", "base")
+           "star", "single_agent", "majority_ft", "base")
 
 
 def apply(c, method: str):
@@ -31,6 +37,10 @@ def apply(c, method: str):
     c.debate.summarize = True
   elif method in ("ground_truth", "cross_agent"):
     c.selection.mode = method
+  elif method == "star":
+    c.agents.generators, c.agents.critics = 1, False
+    c.debate.rounds = c.eval.rounds = 1
+    c.selection.mode, c.finetune.init = "star", "base"
   elif method == "single_agent":
     c.agents.generators, c.agents.critics = 1, False
     c.debate.rounds = c.eval.rounds = 1

@@ -28,11 +28,15 @@ SUMMARY_INSTRUCTION = (
 class Debate:
   """texts[m][n][b], keys[m][n][b] (answer keys, None = no answer), the chat
   messages each slot answered, messages[m][n][b], and how each completion
-  ended, finishes[m][n][b] ("stop", "stop_string" or "length")."""
+  ended, finishes[m][n][b] ("stop", "stop_string" or "length").
+
+  `rationales` (STaR only, see `rationalize`): the same four fields for one
+  hinted round, [n][b], None where slot n was not asked problem b."""
   texts: list[list[list[str]]]
   keys: list[list[list[str | None]]]
   messages: list[list[list[list[dict[str, str]]]]]
   finishes: list[list[list[str]]]
+  rationales: dict | None = None
 
   @property
   def num_rounds(self) -> int:
@@ -96,6 +100,49 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
   keys = [[[task.extract_answer(t) for t in per_slot] for per_slot in per_round]
           for per_round in texts]
   return Debate(texts=texts, keys=keys, messages=msgs, finishes=finishes)
+
+
+def rationalize(gen: generation.Generator, task: Task, problems: Sequence[Problem],
+                d: Debate, *, generators: Params, failed_NxB, options: generation.Options,
+                seed: int) -> Debate:
+  """STaR's rationalisation (Zelikman et al. 2022): every slot is asked again
+  each problem some slot failed in round 1, with the reference answer as a
+  hint (`prompts.with_hint`); a slot's answers are kept for its own failures
+  only. Returns `d` with `rationales` set."""
+  N, B = len(failed_NxB), len(problems)
+  asked = [b for b in range(B) if any(failed_NxB[n][b] for n in range(N))]
+  tok = gen.tok
+  special = not (tok is not None and tok.chat_template)
+  hinted = [prompts.with_hint(problems[b], task.answer_format) for b in asked]
+  empty = {"texts": [[None] * B for _ in range(N)], "keys": [[None] * B for _ in range(N)],
+           "messages": [[None] * B for _ in range(N)], "finishes": [[None] * B for _ in range(N)]}
+  if asked:
+    out = gen.generate(generators, [prompts.to_text(m, tok)[0] for m in hinted], options=options,
+                       seed=seed * 1000 + 500, add_special_tokens=special)
+    for n in range(N):
+      for i, b in enumerate(asked):
+        if failed_NxB[n][b]:
+          c = out[n][i][0]
+          empty["texts"][n][b], empty["finishes"][n][b] = c.text, c.finish
+          empty["keys"][n][b], empty["messages"][n][b] = task.extract_answer(c.text), hinted[i]
+  return dataclasses.replace(d, rationales=empty)
+
+
+def rationale_rows(d: Debate, correct_NxB, tokenizer) -> list[list[dict]]:
+  """Per slot, its verified rationales as SFT rows under the round-1 prompt
+  it failed (the hint removed), like `sft_rows` of round 1."""
+  r = d.rationales
+  rows = []
+  for n, per_problem in enumerate(d.messages[0]):
+    slot_rows = []
+    for b, msgs in enumerate(per_problem):
+      if r["texts"][n][b] is not None and bool(correct_NxB[n][b]):
+        text, special = prompts.to_text(msgs, tokenizer)
+        slot_rows.append({"prompt": text, "completion": r["texts"][n][b],
+                          "add_special_tokens": special,
+                          "append_eos": r["finishes"][n][b] != "length"})
+    rows.append(slot_rows)
+  return rows
 
 
 def _num_agents(pop: Params) -> int:

@@ -62,7 +62,7 @@ from maft_jax.tasks.base import read_jsonl
 from maft_jax.tokenizer import Tokenizer, check_fits
 
 STAGES = ("debate", "select", "finetune", "eval")
-SELECTION_MODES = ("paper", "ground_truth", "cross_agent")
+SELECTION_MODES = ("paper", "ground_truth", "cross_agent", "star")
 MODEL_SOURCES = ("hf", "checkpoint", "demo")
 # Fields (or groups) a rerun of a workdir may change: more iterations extend
 # the run; a resumed run may use another slice of devices.
@@ -262,6 +262,12 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
          "must be in (0, 1)")
   _check(s["cross_temperature"] > 0, "selection.cross_temperature", s["cross_temperature"],
          "must be > 0")
+  if s["mode"] == "star":
+    _check(not a["critics"], "selection.mode", s["mode"],
+           "STaR trains generators on their own verified rationales: set agents.critics=False")
+    _check(f["init"] == "base", "selection.mode", s["mode"],
+           "STaR restarts from the base every iteration (on the rationales of iterations "
+           "1..k): set finetune.init='base'")
   if s["mode"] == "cross_agent":
     _check(not a["shared"], "selection.mode", s["mode"],
            "cross_agent exchanges responses between distinct agents; agents.shared is on")
@@ -401,13 +407,15 @@ def _agents(pop: Params, start: int, stop: int) -> Params:
 
 def _save_debate(path: str, problems: Sequence[Problem], d: debate.Debate) -> None:
   _write_json(path, {"problem_ids": [p.id for p in problems], "texts": d.texts, "keys": d.keys,
-                     "messages": d.messages, "finishes": d.finishes})
+                     "messages": d.messages, "finishes": d.finishes,
+                     **({"rationales": d.rationales} if d.rationales is not None else {})})
 
 
 def _load_debate(path: str) -> tuple[list[str], debate.Debate]:
   raw = _read_json(path)
   return raw["problem_ids"], debate.Debate(texts=raw["texts"], keys=raw["keys"],
-                                            messages=raw["messages"], finishes=raw["finishes"])
+                                            messages=raw["messages"], finishes=raw["finishes"],
+                                            rationales=raw.get("rationales"))
 
 
 class Run:
@@ -583,8 +591,14 @@ class Run:
     p = self.plan
     problems = self.problems("train")
     t0 = time.perf_counter()
-    d = self._run_debate(pop, problems, rounds=p.rounds, options=p.debate_options,
-                         seed=stage_seed(p.seed, k, "debate"))
+    seed = stage_seed(p.seed, k, "debate")
+    d = self._run_debate(pop, problems, rounds=p.rounds, options=p.debate_options, seed=seed)
+    if p.selection_mode == "star":  # rationalise the failures, with the answer as a hint
+      N = p.generators
+      correct = np.asarray(self.task.is_correct_many(
+          [t for slot in d.texts[0] for t in slot], list(problems) * N), bool).reshape(N, -1)
+      d = debate.rationalize(self.gen, self.task, problems, d, generators=_agents(pop, 0, N),
+                             failed_NxB=~correct, options=p.debate_options, seed=seed)
     out = stage.begin()
     if distributed.is_primary():
       _save_debate(os.path.join(out, "debate.json"), problems, d)
@@ -795,6 +809,10 @@ def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: P
     responses (D^G_n); critic n on its corrected transcripts D^C-_n plus a
     seeded subset of D^C+_n so corrected ones make up `critic_weight`
     (`scoring.paper_selection`).
+  - star: STaR (Zelikman et al. 2022): generator n trains on its own verified
+    round-1 responses and on its verified rationalisations of the problems it
+    failed (`debate.rationalize`, sampled with the answer as a hint in the
+    debate stage), each under the round-1 prompt without the hint.
   - cross_agent: within each role (generators: round 1; critics: last round),
     agent a trains on every verified response b of every agent a' with weight
     w[a, a', b] from `scoring.cross_agent_weights` (own successes weigh >= 1;
@@ -819,7 +837,22 @@ def select(d: debate.Debate, problems: Sequence[Problem], task: Task, *, plan: P
   decided = {"problem_ids": [p.id for p in problems], "consensus": vote.keys_B,
              "votes": vote.votes_B.tolist(), "right": vote.right_B.tolist()}
   critics_train = plan.critics
-  if plan.selection_mode in ("paper", "ground_truth"):
+  if plan.selection_mode == "star":
+    # Own verified round-1 rationales, and verified rationalisations of the
+    # failures under the prompt without the hint.
+    r = d.rationales
+    asked = [(n, b) for n in range(N) for b in range(B) if r["texts"][n][b] is not None]
+    ok = task.is_correct_many([r["texts"][n][b] for n, b in asked], [problems[b] for _, b in asked])
+    rationale_ok = np.zeros((N, B), bool)
+    for (n, b), good in zip(asked, ok):
+      rationale_ok[n, b] = good
+    own, hinted = debate.sft_rows(d, 0, first_true, tokenizer), debate.rationale_rows(
+        d, rationale_ok, tokenizer)
+    rows = [a + h for a, h in zip(own, hinted)]
+    summary.update({"d_g": first_true.sum(1).tolist(),
+                    "rationalized": [sum(1 for m, _ in asked if m == n) for n in range(N)],
+                    "rationales_kept": rationale_ok.sum(1).tolist()})
+  elif plan.selection_mode in ("paper", "ground_truth"):
     d_g, d_minus, d_plus, kept = (np.asarray(x) for x in scoring.paper_selection(
         first_ok, first_ok, last_ok, k_sel, critic_weight=plan.critic_weight))
     rows = debate.sft_rows(d, 0, d_g, tokenizer)

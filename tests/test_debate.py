@@ -1,5 +1,7 @@
 """Debate rounds: who sees what, summaries, no-critic ablation, selected SFT rows."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -65,3 +67,27 @@ def test_summarize_and_selected_rows(setup):
   with pytest.raises(ValueError, match="num_samples=1"):
     debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, seed=0,
                options=generation.Options(max_new_tokens=2, num_samples=2))
+
+
+def test_rationalize_asks_only_failures_with_the_hint(setup):
+  tok, gens, _, task, gen, opts = setup
+  problems = task.problems()
+  d = debate.run(gen, task, problems, generators=gens, critics=None, rounds=1, options=opts,
+                 seed=3)
+  failed = np.array([[True, False, True], [False, False, True]])
+  r = debate.rationalize(gen, task, problems, d, generators=gens, failed_NxB=failed,
+                         options=opts, seed=3).rationales
+  for n in range(2):
+    for b in range(3):
+      if failed[n, b]:
+        hint = f"Hint: the correct answer is {problems[b].reference}."
+        assert hint in r["messages"][n][b][0]["content"]
+        assert r["keys"][n][b] == task.extract_answer(r["texts"][n][b])
+      else:
+        assert r["texts"][n][b] is None and r["messages"][n][b] is None
+  # Rows of verified rationales train under the round-1 prompt: no hint.
+  rows = debate.rationale_rows(dataclasses.replace(d, rationales=r), failed, tok)
+  assert [len(x) for x in rows] == [2, 1]
+  for n, slot in enumerate(rows):
+    for row in slot:
+      assert "Hint" not in row["prompt"] and row["completion"] in r["texts"][n]

@@ -117,7 +117,8 @@ def test_every_shipped_config_validates(tmp_path, monkeypatch):
           c.task.options.path = str(data)
         plan = loop.validate(c)
         assert plan.iterations == (0 if method == "base" else 5)
-        assert (plan.generators, plan.rounds) == ((1, 1) if method == "single_agent" else
+        assert (plan.init == "base") == (method == "star")
+        assert (plan.generators, plan.rounds) == ((1, 1) if method in ("single_agent", "star") else
                                                  (5, 2) if method == "five_agents" else
                                                  (3, 1) if method == "majority_ft" else (3, 2))
   for variant in ("full", "smoke"):

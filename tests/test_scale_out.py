@@ -4,7 +4,6 @@ results of one device, and the rule table decides where every array lives;
 the memory plan; several processes as one program."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -21,7 +20,6 @@ from maft_jax.sharding import PartitionSpec as P
 
 from launch import common
 from tests import cli
-from tests.conftest import FAST_COMPILE
 
 CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -309,8 +307,7 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=cli.ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=FAST_COMPILE + " --xla_force_host_platform_device_count=4")
+  env = cli.env(devices=4)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "launch.train", *args, f"--workdir={two}",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],

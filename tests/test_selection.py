@@ -5,6 +5,7 @@ D^C+ follow from it (`loop.select`); evaluation decides the same way
 Python; the end-to-end test applies it to the records a run wrote."""
 
 import collections
+import dataclasses
 import math
 
 import jax
@@ -302,3 +303,36 @@ def check_stage_records(workdir, iteration, critic_weight, tokenizer=None):
     got.append([where[(row["prompt"], row["completion"])] for row in rows])
   check_selection(d["keys"], got, summary, decided, critic_weight)
 
+
+
+def test_star_trains_on_verified_rationales_without_the_hint(arith):
+  task, problems = arith
+  # One agent: right on problems 0, 1; wrong on 2, 3 (rationalised: right on 2
+  # with the hint, still wrong on 3); no answer on 4, 5 (rationalised: right on 4).
+  answers = [[["R", "R", 1000, 1001, None, None]]]
+  d = debate_of(task, problems, answers)
+  hinted = {2: "R", 3: 1002, 4: "R"}
+  texts = [[None] * B]
+  messages = [[None] * B]
+  for b, v in hinted.items():
+    texts[0][b] = f"so \\boxed{{{problems[b].reference if v == 'R' else v}}}"
+    messages[0][b] = prompts.with_hint(problems[b])
+  d = dataclasses.replace(d, rationales={
+      "texts": texts, "messages": messages, "keys": [[None] * B],
+      "finishes": [["stop" if t else None for t in texts[0]]]})
+  plan = loop.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},
+                        "debate": {"rounds": 1}, "eval": {"rounds": 1},
+                        "selection": {"mode": "star"}, "finetune": {"init": "base"}})
+  (rows,), summary, _ = loop.select(d, problems, task, plan=plan, tokenizer=_Tok(),
+                                    key=jax.random.key(0))
+  assert sorted(rows_problems([rows], problems)[0]) == [0, 1, 2, 4]
+  for row in rows:
+    assert "Hint" not in row["prompt"] and row["prompt"].startswith("Can you solve")
+    b = rows_problems([[row]], problems)[0][0]
+    assert task.is_correct(row["completion"], problems[b])
+  assert summary["d_g"] == [2] and summary["rationalized"] == [3]
+  assert summary["rationales_kept"] == [2]
+  # STaR restarts from the base and has no critics; the config says so.
+  with pytest.raises(loop.ConfigError, match="finetune.init='base'"):
+    loop.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},
+                   "selection": {"mode": "star"}})

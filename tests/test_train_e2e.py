@@ -12,7 +12,6 @@ import sys
 import time
 
 from tests import cli
-from tests.conftest import FAST_COMPILE
 
 CONFIG = "--config=configs/demo.py:smoke"
 
@@ -28,10 +27,9 @@ def _without_timing(records):
 
 def _kill_when(workdir, ready, timeout=240):
   """Start launch.train; SIGKILL it as soon as `ready()` holds."""
-  env = dict(os.environ, PYTHONPATH=cli.ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
   proc = subprocess.Popen([sys.executable, "-m", "launch.train", CONFIG, f"--workdir={workdir}",
                            "--config.finetune.save_every=1", "--noprogress", "--noreport"],
-                          cwd=cli.ROOT, env=env, stdout=subprocess.DEVNULL,
+                          cwd=cli.ROOT, env=cli.env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + timeout
   try:
@@ -133,6 +131,35 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
   cli.run("train", CONFIG, f"--workdir={killed}", "--config.finetune.save_every=1",
           "--noprogress", "--noreport")
   assert _without_timing(_records(killed)) == _without_timing(records)
+
+  # STaR through the same loop: the debate stage rationalises every failure
+  # with the answer as a hint; the select stage keeps only verified rationales,
+  # under the prompt without the hint.
+  star = str(tmp_path / "star")
+  shutil.copytree(os.path.join(work, "demo_base"), os.path.join(star, "demo_base"))
+  cli.run("train", CONFIG + ",star", f"--workdir={star}", "--config.iterations=1",
+          "--noprogress", "--noreport")
+  with open(os.path.join(star, "iter_01", "debate", "debate.json")) as f:
+    transcript = json.load(f)
+  r = transcript["rationales"]
+  from maft_jax import tasks
+  task = tasks.load("arithmetic", size=4000, seed=0, max_value=3)
+  by_id = {p.id: p for p in task.problems()}
+  problems = [by_id[i] for i in transcript["problem_ids"]]
+  first = [task.is_correct(t, p) for t, p in zip(transcript["texts"][0][0], problems)]
+  assert [t is not None for t in r["texts"][0]] == [not ok for ok in first]
+  for b, msgs in enumerate(r["messages"][0]):
+    if msgs is not None:
+      assert f"Hint: the correct answer is {problems[b].reference}." in msgs[0]["content"]
+  with open(os.path.join(star, "iter_01", "select", "agent_0.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  summary = _records(star)[2]
+  assert summary["stage"] == "select" and len(rows) == summary["d_g"][0] + \
+      summary["rationales_kept"][0] == sum(first) + summary["rationales_kept"][0]
+  for row in rows:
+    assert "Hint" not in row["prompt"]
+    b = next(b for b, p in enumerate(problems) if p.question in row["prompt"])
+    assert task.is_correct(row["completion"], problems[b])
 
 
 def test_train_config_errors_are_one_line(tmp_path):

@@ -19,6 +19,16 @@ def round1(problem: Problem, answer_format: str = "a single number") -> list[dic
       "at the end of your response.")}]
 
 
+def with_hint(problem: Problem, answer_format: str = "a single number") -> list[dict[str, str]]:
+  """STaR's rationalisation prompt: round 1's question with the reference
+  answer as a hint. A rationale sampled from it trains under `round1`'s
+  prompt, without the hint."""
+  (message,) = round1(problem, answer_format)
+  return [{"role": "user", "content": message["content"] + (
+      f" (Hint: the correct answer is {problem.reference}. Explain the reasoning that leads "
+      "to it without mentioning the hint.)")}]
+
+
 def debate_round(problem: Problem, own: str, others: Sequence[str],
                  answer_format: str = "a single number") -> list[dict[str, str]]:
   """The critic's prompt: round-1 question, its own answer, then the advice."""

@@ -13,7 +13,7 @@ Arguments after the colon (comma-separated):
                                      (GSM8K JSONL/Parquet with question/answer; MATH JSONL
                                      with problem/solution/level/type)
   method=maft|no_critic|five_agents|summarize|ground_truth|cross_agent|
-         single_agent|majority_ft|base  (see configs/methods.py); a bare method
+         star|single_agent|majority_ft|base  (see configs/methods.py); a bare method
                                      name works too: configs/paper.py:model=phi3,single_agent
 
 Where each setting comes from (paper: Subramaniam et al., ICLR 2025, arXiv
@@ -22,7 +22,8 @@ Where each setting comes from (paper: Subramaniam et al., ICLR 2025, arXiv
   500 problems, from a seeded shuffle of the source          paper; code original_gen.py
                                                              (random.seed(0), shuffle,
                                                              first 500)
-  + 500 held-out problems, disjoint by id                    ours (see below)
+  + 500 held-out problems, disjoint by id (the held-out      ours (see below)
+    ones come first in the shuffle, then the training ones)
   MATH: levels 1-3 of the MATH test split                    code original_gen.py
   sampling T=1.0, top-p 0.9                                  code original_gen.py,
                                                              ft_gen.py (defaults)

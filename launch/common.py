@@ -101,6 +101,7 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
         sys.exit(f"error: {arg}: expected {TASK_OPTION_FLAG}KEY=VALUE")
       task_options = fv.config.task.options
       kind = task_options.get_type(key) if key in task_options else None
+      kind = kind if kind in (bool, str, int, float) else None  # others: inferred
       with task_options.unlocked():
         task_options[key] = option_value(text, kind)
   return out

@@ -130,19 +130,14 @@ def rationalize(gen: generation.Generator, task: Task, problems: Sequence[Proble
 
 def rationale_rows(d: Debate, correct_NxB, tokenizer) -> list[list[dict]]:
   """Per slot, its verified rationales as SFT rows under the round-1 prompt
-  it failed (the hint removed), like `sft_rows` of round 1."""
+  it failed (the hint removed): `sft_rows` of round 1 with the rationales in
+  place of the round-1 responses."""
   r = d.rationales
-  rows = []
-  for n, per_problem in enumerate(d.messages[0]):
-    slot_rows = []
-    for b, msgs in enumerate(per_problem):
-      if r["texts"][n][b] is not None and bool(correct_NxB[n][b]):
-        text, special = prompts.to_text(msgs, tokenizer)
-        slot_rows.append({"prompt": text, "completion": r["texts"][n][b],
-                          "add_special_tokens": special,
-                          "append_eos": r["finishes"][n][b] != "length"})
-    rows.append(slot_rows)
-  return rows
+  asked = [[t is not None for t in slot] for slot in r["texts"]]
+  hinted = dataclasses.replace(d, texts=[r["texts"]], finishes=[r["finishes"]],
+                               messages=[d.messages[0]])
+  mask = [[a and bool(c) for a, c in zip(*pair)] for pair in zip(asked, correct_NxB)]
+  return sft_rows(hinted, 0, mask, tokenizer)
 
 
 def _num_agents(pop: Params) -> int:

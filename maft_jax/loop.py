@@ -10,8 +10,9 @@ A run is a sequence of stages, each a pure function of the stages before it:
 
 - debate:   N generators answer the training problems; critics (or the
             generators, without critics) answer rounds 2..M. Transcripts kept.
-- select:   answer keys -> jitted consensus / agreement / selection masks ->
-            each agent's own SFT rows (`selection.mode`, see `_select`).
+- select:   answer classes in the task's relation -> jitted consensus of the
+            last round / agreement / selection masks (`verdict`) -> each
+            agent's own SFT rows (`selection.mode`, see `select`).
 - finetune: every agent trains on its rows in one vmapped program, from the
             previous iteration's weights (`finetune.init='previous'`) or from
             the base on the rows of iterations 1..k (`'base'`).
@@ -891,12 +892,8 @@ def _pct(x) -> str:
 
 
 def _pct_se(record, field: str) -> str:
-  """'42.0±2.2' (accuracy and its standard error, in %), or '-'."""
   from maft_jax import report
-  p, se = report.accuracy(record, field)
-  if p is None:
-    return "-"
-  return f"{100 * p:.1f}" + (f"±{100 * se:.1f}" if se is not None else "")
+  return report.pct_se(*report.accuracy(record, field))
 
 
 def table(records: Sequence[Mapping[str, Any]], plan: Plan) -> str:
@@ -904,14 +901,14 @@ def table(records: Sequence[Mapping[str, Any]], plan: Plan) -> str:
   ± their standard error (percentage points)."""
   evals = {r["iteration"]: r for r in records if r["stage"] == "eval"}
   sel = {r["iteration"]: r for r in records if r["stage"] == "select"}
-  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * plan.generators}}  {'mean':>10}  "
-           f"{'majority':>10}  {'debate':>10}  {'best-of-N':>10}  {'consensus':>9}  selected"]
+  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * plan.generators}}  {'mean':>12}  "
+           f"{'majority':>12}  {'debate':>12}  {'best-of-N':>12}  {'consensus':>9}  selected"]
   for k in sorted(evals):
     e = evals[k]
     accs = e.get("round1_accuracy", [])
     lines.append(
         f"{k:>4}  {' '.join(_pct(x) for x in accs):<{7 * plan.generators}}  "
-        f"{_pct_se(e, 'round1_mean'):>10}  {_pct_se(e, 'majority_accuracy'):>10}  "
-        f"{_pct_se(e, 'debate_accuracy'):>10}  {_pct_se(e, 'best_of_n_accuracy'):>10}  "
+        f"{_pct_se(e, 'round1_mean'):>12}  {_pct_se(e, 'majority_accuracy'):>12}  "
+        f"{_pct_se(e, 'debate_accuracy'):>12}  {_pct_se(e, 'best_of_n_accuracy'):>12}  "
         f"{_pct(e.get('consensus_rate')):>9}  {sel[k]['selected'] if k in sel else '-'}")
   return "\n".join(lines)

@@ -18,6 +18,8 @@
 Votes and grades come from `verdict` (the task's one answer relation). Every
 accuracy X has X_se beside it: the binomial standard error sqrt(p(1-p)/n)
 over the n problems scored (per agent for the per-agent lists).
+round1_mean_accuracy (the generators' mean) has the standard error of a mean
+over problems of their per-problem mean correctness (`mean_with_error`).
 
 The cross-agent NLL matrix (`scoring.cross_nll`) needs the model and is
 computed by the loop beside these.
@@ -64,13 +66,28 @@ ACCURACIES = ("round1_accuracy", "final_accuracy", "debate_accuracy", "majority_
 
 
 def with_errors(result: dict, n: int) -> dict:
-  """`result` plus `<field>_se`, the binomial standard error, for every
-  accuracy field (a number or a per-agent list) measured on `n` problems."""
+  """`result` plus `<field>_se`, the binomial standard error sqrt(p(1-p)/n),
+  for every accuracy field (a number or a per-agent list) measured on `n`
+  problems."""
+  from maft_jax.report import binomial_se
   out = dict(result)
   for field in ACCURACIES:
     if field in result:
-      out[field + "_se"] = verdict.standard_error(result[field], n).tolist()
+      v = result[field]
+      out[field + "_se"] = [binomial_se(x, n) for x in v] if isinstance(v, list) else \
+          binomial_se(v, n)
   return out
+
+
+def mean_with_error(correct_NxB: np.ndarray) -> tuple[float, float]:
+  """The mean accuracy of N agents over B problems, and its standard error
+  over problems: the standard deviation of the per-problem mean correctness
+  over sqrt(B). The agents answer the same problems, so their answers are
+  not N x B independent trials."""
+  per_problem = np.asarray(correct_NxB, np.float64).mean(axis=0)
+  B = per_problem.size
+  se = float(per_problem.std(ddof=1) / np.sqrt(B)) if B > 1 else 0.0
+  return float(per_problem.mean()), se
 
 
 def evaluate(debate, task: Task, problems: Sequence[Problem], key: jax.Array) -> dict:
@@ -80,13 +97,15 @@ def evaluate(debate, task: Task, problems: Sequence[Problem], key: jax.Array) ->
   final = v.vote(-1, key)
   majority = v.vote(0, jax.random.fold_in(key, 1))
   first, last = v.correct_RxNxB[0], v.correct_RxNxB[-1]
+  mean, mean_se = mean_with_error(first)
   return with_errors({
+      "round1_mean_accuracy": mean, "round1_mean_accuracy_se": mean_se,
       "round1_accuracy": first.mean(axis=1).tolist(),
       "final_accuracy": last.mean(axis=1).tolist(),
       "debate_accuracy": float(final.right_B.mean()),
       "majority_accuracy": float(majority.right_B.mean()),
       "best_of_n_accuracy": float(first.any(axis=0).mean()),
       "consensus_rate": float((final.votes_B / N).mean()),
-      "distinct_answers": distinct_answers(v.classes_RxNxB[0]),
+      "distinct_answers": distinct_answers(v.classes(0)[0]),
       "ngram_overlap": ngram_overlap(debate.texts[0]),
   }, len(problems))

@@ -185,15 +185,17 @@ def pct_se(p: float | None, se: float | None) -> str:
 
 def accuracy(record: Mapping | None, field: str) -> tuple[float | None, float | None]:
   """(accuracy, its standard error) of an eval record's field. The error is
-  the record's own `<field>_se`, else sqrt(p(1-p)/n) over its `problems`;
-  for `round1_mean` (the generators' mean), n counts every generator's
-  answers: generators x problems."""
+  the record's own `<field>_se`, else sqrt(p(1-p)/n) over its `problems`.
+  `round1_mean` is the generators' mean: the record's round1_mean_accuracy
+  (its error is over problems, `metrics.mean_with_error`), else the mean of
+  round1_accuracy with the binomial error over problems, which bounds it."""
   r = record or {}
   if field == "round1_mean":
-    accs = _nums(r.get("round1_accuracy")) or []
-    p = _mean(accs)
-    n = r.get("problems")
-    return p, binomial_se(p, n * len(accs) if isinstance(n, int) and accs else None)
+    if _num(r.get("round1_mean_accuracy")) is not None:
+      field = "round1_mean_accuracy"
+    else:  # older records: the mean, and the binomial error over problems (an upper bound)
+      p = _mean(_nums(r.get("round1_accuracy")))
+      return p, binomial_se(p, r.get("problems"))
   p = _num(r.get(field))
   se = _num(r.get(field + "_se"))
   return p, se if se is not None else binomial_se(p, r.get("problems"))
@@ -396,8 +398,9 @@ def render(run: Run, baselines: Mapping[str, Run] = {}) -> str:
            "final-round accuracy.", "", "## Per iteration", ""]
   lines += _table(*iteration_rows(run, baselines))
   lines += ["", "## As in the paper's Table 1", "",
-            "Accuracy ± its binomial standard error sqrt(p(1-p)/n) on the held-out problems "
-            "(n: problems, times generators for a mean over generators). Base, Majority and "
+            "Accuracy ± its standard error on the n held-out problems: binomial, "
+            "sqrt(p(1-p)/n); for a mean over generators, over problems of their per-problem "
+            "mean. Base, Majority and "
             "Debate are this run's iteration 0; each other row is a run at its final and its "
             "best iteration.", ""]
   lines += _table(*paper_rows(run, baselines))

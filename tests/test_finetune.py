@@ -57,6 +57,9 @@ def test_vmapped_step_equals_per_agent_steps():
   for a in range(3):
     alone, _ = _run(population.stack([population.select(pop, a)]),
                     _stack_agents([per_agent[a]]))
+    # Reductions run in another order vmapped, and Adam divides by sqrt(v): a
+    # 3.6e-6 difference was seen on a fresh 2-core machine (2026-12-01). A real
+    # mismatch moves weights by about the learning rate, 1e-3.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x[a], y[0], atol=1e-5, rtol=1e-4),
                  state["params"], alone["params"])
 
@@ -70,7 +73,7 @@ def test_accumulated_microbatches_equal_one_large_batch():
   s1, m1 = _run(pop, two_micro)
   s2, m2 = _run(pop, one_big)
   np.testing.assert_allclose(m1[0]["loss"], m2[0]["loss"], rtol=1e-6)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4),
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6, rtol=1e-5),
                s1["params"], s2["params"])
 
 

@@ -43,6 +43,9 @@ def test_metrics_on_hand_built_debate():
     p = np.asarray(m[field])
     np.testing.assert_allclose(m[field + "_se"], np.sqrt(p * (1 - p) / 2))
   assert m["round1_accuracy_se"][1] == 0.0 and m["final_accuracy_se"][0] == 0.0
+  # The generators' mean: its error is over problems (per-problem means 2/3 and 0).
+  assert m["round1_mean_accuracy"] == pytest.approx(1 / 3)
+  assert m["round1_mean_accuracy_se"] == pytest.approx(np.std([2 / 3, 0], ddof=1) / np.sqrt(2))
   # Problem 0: slots 0,2 share all 3-grams (1.0), slot 1 differs; problem 1: slots 0,1 identical.
   assert 0 < m["ngram_overlap"] < 1
 

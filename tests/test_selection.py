@@ -336,3 +336,25 @@ def test_star_trains_on_verified_rationales_without_the_hint(arith):
   with pytest.raises(loop.ConfigError, match="finetune.init='base'"):
     loop.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},
                    "selection": {"mode": "star"}})
+
+
+def test_the_voting_round_founds_its_own_classes(arith):
+  """With a relation that is not transitive (here: numbers at most 1 apart),
+  another round's answer must not merge two answers of the voting round:
+  round 1 says 5, the last round 4, 6, None -> a tie of two classes with a
+  vote each, not one class of 2 votes founded by round 1's 5."""
+  from maft_jax import verdict
+
+  class Near(type(arith[0])):
+    def same_answer(self, a, b):
+      return abs(int(a) - int(b)) <= 1
+
+  task, problems = Near(size=B), arith[1][:1]
+  d = debate_of(task, problems, [[[5], [5], [5]], [[4], [6], [None]]])
+  v = verdict.judge(d, task, problems)
+  vote = v.vote(-1, jax.random.key(0))
+  assert vote.votes_B.tolist() == [1] and vote.keys_B[0] in ("4", "6")
+  assert vote.agree_RxNxB[-1, :, 0].sum() == 1               # only the winner itself
+  # Round 1's 5 joins the first class it is near (4's): it agrees iff 4 won.
+  assert vote.agree_RxNxB[0, :, 0].tolist() == [vote.keys_B[0] == "4"] * 3
+  assert {v.vote(-1, jax.random.key(s)).keys_B[0] for s in range(8)} == {"4", "6"}

@@ -37,7 +37,10 @@ def load(name: str, **options) -> Task:
   if unknown:
     raise TaskError(f"task {name!r} has no option {', '.join(unknown)}; its options: "
                     f"{', '.join(sorted(known))}")
-  return task_class(**fixed, **options)
+  try:
+    return task_class(**fixed, **options)
+  except (TypeError, ValueError) as e:  # an option of the wrong type
+    raise TaskError(f"task {name!r}: {e}") from None
 
 
 def option_names(task_class) -> set[str]:

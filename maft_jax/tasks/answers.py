@@ -1,7 +1,8 @@
 """Answer extraction and canonical answer keys.
 
-A key is a string; two answers vote together iff their keys are equal, and
-`None` means "no answer" (no vote). Numbers are canonicalised exactly with
+A key is a string and `None` means "no answer" (no vote). For the numeric
+tasks two answers are the same iff their keys are equal (`Task.same_answer`;
+MATH widens the relation with math-verify). Numbers are canonicalised exactly with
 `fractions.Fraction`, so `1,000`, `1000.0` and `$1000` share a key, and
 `\\frac{1}{2}`, `1/2` and `0.5` share the key `1/2`.
 """

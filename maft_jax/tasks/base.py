@@ -76,7 +76,9 @@ class Task:
   (`is_correct`: the response's key is the same answer as the reference)
   all use it. By default it is equality of keys, which suits tasks whose
   keys are canonical (exact numbers, letters); MATH widens it to
-  math-verify's equivalence."""
+  math-verify's equivalence. Tasks graded by something other than an answer
+  (HumanEval's tests, reasoning-gym's scorers) replace `is_correct` and vote
+  by equal keys."""
 
   name = "task"
   answer_format = "a single number"

@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --maxschedchunk=1 tests
+	$(PY) -m pytest -q -n 2 tests
 
 # MAFT end to end on CPU: builds the tiny base once (cached in $(DEMO_DIR)), then
 # debates, selects, finetunes and evaluates; resumes if interrupted.

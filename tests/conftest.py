@@ -36,20 +36,3 @@ def hf_models(tmp_path_factory, tokenizer_dir):
     return cache[family]
   return get
 
-
-# The longest tests (40 s to 3 min, mostly subprocesses) start first, two on
-# each worker: `make test` runs `-n 2 --maxschedchunk=1`, so xdist hands each
-# worker two tests to start with, then one at a time as they finish. (Without
-# it, each worker first receives a quarter of its share in one consecutive
-# chunk, and these six landed on one worker: 741 s instead of ~550.)
-HEAVY = ("test_smoke_two_iterations_resume_evaluate_report",      # worker 1
-         "test_finetune_cli_empty_file_means_no_update",          # worker 1
-         "test_two_processes_run_one_iteration_like_one_process",  # worker 2
-         "test_train_step_on_meshes_matches_one_device",          # worker 2
-         "test_sampling_on_meshes_matches_one_device",
-         "test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(HEAVY)}
-  items.sort(key=lambda item: rank.get(item.originalname, len(HEAVY)))  # stable otherwise

@@ -36,3 +36,10 @@ def hf_models(tmp_path_factory, tokenizer_dir):
     return cache[family]
   return get
 
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """The float32 HF directory of SmolLM2-135M-Instruct (tests/real_model.py)."""
+  from tests import real_model
+  return real_model.hf_dir()

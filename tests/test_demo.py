@@ -15,6 +15,10 @@ from maft_jax.tokenizer import Tokenizer
 TASK_OPTIONS = {"max_value": 3}
 
 
+# One xdist worker builds the module's demo base (~15 s) once.
+pytestmark = pytest.mark.xdist_group("demo")
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("demo") / "base")

@@ -27,16 +27,17 @@ def hf_logits(hf_dir, tokens, mask, positions):
              position_ids=torch.tensor(positions)).logits.numpy()
 
 
-def our_logits(hf_dir, tokens, mask, positions):
+def our_logits(hf_dir, tokens, mask, positions, dtype="float32"):
+  """Logits (float32) of maft_jax's model; `dtype` is the compute dtype."""
   import jax
   import jax.numpy as jnp
   from maft_jax import hf, model
 
-  m = hf.load(hf_dir, dtype="float32")
+  m = hf.load(hf_dir, dtype=dtype)
   logits, _ = jax.jit(model.forward, static_argnames=("cfg",))(m.params, jnp.asarray(tokens), cfg=m.cfg,
                             positions_BxT=jnp.asarray(positions),
                             segment_ids_BxT=jnp.asarray(mask.astype(np.int32)))
-  return np.asarray(logits)
+  return np.asarray(logits, np.float32)
 
 
 @pytest.mark.parametrize("family", hf_fixtures.FAMILIES)

@@ -11,13 +11,18 @@ from tests import cli
 PROMPTS = ["The quick brown fox", "Alice has 3 apples and", "What is 12 + 7"]
 
 
-def hf_greedy(hf_dir, prompts, max_new_tokens):
+def hf_greedy(hf_dir, prompts, max_new_tokens, chat=False):
+  """transformers' greedy ids per prompt (EOS included); `chat`: each prompt
+  as a user message through the chat template."""
   import torch
   import transformers as tf
   tok = tf.AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
   model = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                   attn_implementation="eager")
-  enc = tok(prompts, return_tensors="pt", padding=True)
+  if chat:
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True) for p in prompts]
+  enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
   with torch.no_grad():
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

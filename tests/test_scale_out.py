@@ -26,7 +26,8 @@ CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num
 H = finetune.Hyper(learning_rate=1e-3, warmup_frac=0.0, ce_chunk=5)
 A = 8  # agents: every mesh's agent axis divides it
 # (agent, data, fsdp, tensor)
-MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 1, 4, 2), (4, 1, 2, 1)]
+# Two meshes split every axis (each mesh is a compile: 4 took 150 s of the suite).
+MESHES = [(2, 2, 2, 1), (1, 1, 4, 2)]
 
 
 def _follows_rules(tree, axes_tree, mesh):

@@ -28,7 +28,7 @@ $(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt requirem
 # xdist_group (the real model, the demo base) run on one worker, which builds
 # their fixture once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadgroup tests
+	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=15 tests
 
 # MAFT end to end on CPU: builds the tiny base once (cached in $(DEMO_DIR)), then
 # debates, selects, finetunes and evaluates; resumes if interrupted.

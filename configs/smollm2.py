@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # agents with Adam need ~9 GB before activations. LoRA trains from the base
     # on the data of every iteration so far (finetune.init=base).
     c.finetune.lora_rank, c.finetune.init = 8, "base"
-  if v == "smoke":  # the smoke test's largest costs: A x A forwards of every response, round 2
+  if v == "smoke":
+    # Its largest costs: A x A forwards of every response, evaluation's round
+    # 2, and training steps (4 agents x 320 tokens compute, ~25 s a step here).
     c.eval.cross_nll, c.eval.rounds = False, 1
+    c.finetune.epochs, c.model.remat = 1, "none"
   return methods.apply(c, a["method"])

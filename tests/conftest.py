@@ -43,3 +43,16 @@ def smollm2_dir():
   """The float32 HF directory of SmolLM2-135M-Instruct (tests/real_model.py)."""
   from tests import real_model
   return real_model.hf_dir()
+
+
+# The longest chains start first, so that no worker is left running one alone
+# at the end: the real-model group (conversion, then four tests on one worker)
+# and the two longest end-to-end tests.
+FIRST = ("tests/test_smollm2.py::", "::test_two_processes_run_one_iteration_like_one_process",
+         "::test_smoke_two_iterations_resume_evaluate_report")
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    return next((i for i, part in enumerate(FIRST) if part in item.nodeid), len(FIRST))
+  items.sort(key=rank)  # stable: the rest keep their order

@@ -70,12 +70,23 @@ def test_logits_match_transformers_on_padded_debate_prompts(smollm2_dir):
   tokens, mask, positions = _padded_debate_batch(smollm2_dir)
   ref = hf_logits(smollm2_dir, tokens, mask, positions)
   ours = our_logits(smollm2_dir, tokens, mask, positions)
-  assert np.abs(ours - ref)[mask].max() <= 1e-3
-  # bfloat16 compute (float32 parameters, as a run holds them): measured
-  # max |dlogit| 0.0 (see the note); bounded here.
+  assert np.abs(ours - ref)[mask].max() <= 1e-3  # measured 1.7e-4
+  # bfloat16 compute (float32 parameters, as a run holds them), measured on
+  # 2026-12-02: max |dlogit| 2.22 over logits up to 41, mean 0.113, the same
+  # argmax at 97.2% of positions, mean NLL of the prompts 2.679 against 2.688.
   bf16 = our_logits(smollm2_dir, tokens, mask, positions, dtype="bfloat16")
-  assert np.abs(bf16 - ref)[mask].max() <= 3.0
-  assert (bf16.argmax(-1) == ref.argmax(-1))[mask].mean() >= 0.9
+  err = np.abs(bf16 - ref)[mask]
+  assert err.max() <= 3.0 and err.mean() <= 0.2
+  assert (bf16.argmax(-1) == ref.argmax(-1))[mask].mean() >= 0.95
+  assert abs(_mean_nll(bf16, tokens, mask) - _mean_nll(ref, tokens, mask)) <= 0.05
+
+
+def _mean_nll(logits, tokens, mask):
+  """Mean NLL of each real token after a real token."""
+  z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  return float(nll[mask[:, 1:] & mask[:, :-1]].mean())
 
 
 def test_greedy_chat_sampling_equals_transformers_generate(smollm2_dir, tmp_path):

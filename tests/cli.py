@@ -30,12 +30,12 @@ def env(devices: int = 1, **extra: str) -> dict[str, str]:
   return out
 
 
-def run(module: str, *args: str, check: bool = True, devices: int = 1
+def run(module: str, *args: str, check: bool = True, devices: int = 1, timeout: float = 300
         ) -> subprocess.CompletedProcess:
   """`devices`: how many (fake) CPU devices the program sees."""
   env_ = env(devices)
   proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT, env=env_,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"launch.{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc

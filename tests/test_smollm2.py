@@ -110,7 +110,7 @@ def test_one_maft_iteration_of_the_real_model(smollm2_dir, tmp_path):
   from tests.test_selection import check_stage_records
   work = str(tmp_path / "run")
   cli.run("train", "--config=configs/smollm2.py:smoke", f"--config.model.path={smollm2_dir}",
-          f"--workdir={work}", "--noprogress", "--noreport")
+          f"--workdir={work}", "--noprogress", "--noreport", timeout=900)  # 2 min when idle
   with open(os.path.join(work, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert [(r["iteration"], r["stage"]) for r in records] == [

@@ -2,6 +2,7 @@
 
 Nothing is downloaded: each family's model is a transformers config saved
 with random weights, and the tokenizer is a small BPE trained on the spot.
+The one real model comes from an installed package (tests/real_model.py).
 """
 
 import os
@@ -35,7 +36,6 @@ def hf_models(tmp_path_factory, tokenizer_dir):
           family, str(tmp_path_factory.mktemp(family)), tokenizer_dir)
     return cache[family]
   return get
-
 
 
 @pytest.fixture(scope="session")

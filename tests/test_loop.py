@@ -124,6 +124,13 @@ def test_every_shipped_config_validates(tmp_path, monkeypatch):
   for variant in ("full", "smoke"):
     for method in methods.METHODS:
       loop.validate(demo.get_config(f"{variant},{method}"))
+  smollm2 = _load_config_file("smollm2")
+  for variant in smollm2.VARIANTS:
+    for method in methods.METHODS:
+      c = smollm2.get_config(f"{variant},{method}")
+      c.model.path = str(model_dir)
+      plan = loop.validate(c)
+      assert (plan.sft.lora is not None) == (variant != "gpu"), (variant, method)
   with pytest.raises(loop.ConfigError, match=r"config\.task\.options\.path=None"):
     c = paper.get_config("model=phi3,task=gsm8k")
     c.model.path = str(model_dir)

@@ -19,8 +19,11 @@ configs/methods.py):
     configs/smollm2.py            3 generators + 3 critics, 2 rounds, 3 iterations,
                                   64 training and 64 held-out problems: for a GPU
     configs/smollm2.py:cpu        2 + 2 agents, 16 + 16 problems, 1 iteration, short
-                                  answers: what 2 CPU cores finish in tens of minutes
-    configs/smollm2.py:smoke      minimal sizes, for the test suite (minutes on CPU)
+                                  answers, LoRA: sizes for CPU (time not yet measured;
+                                  a LoRA step of 4 agents x 320 tokens costs ~18 s on
+                                  2 cores, and every agent computes every step)
+    configs/smollm2.py:smoke      minimal sizes, for the test suite: 2 min 08 s on 2
+                                  idle CPU cores (2026-12-02)
     configs/smollm2.py:cpu,star   and so on
 
 Sampling (T=1.0, top-p 0.9) and finetuning (2 epochs, cosine, 3% warmup) follow

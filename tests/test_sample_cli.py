@@ -34,15 +34,20 @@ def hf_greedy(hf_dir, prompts, max_new_tokens, chat=False):
   return rows
 
 
+def cli_greedy(hf_dir, prompts, max_new_tokens, tmp_path, *flags):
+  """The JSON lines of greedy float32 `launch.sample` on `prompts` (a file)."""
+  path, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  cli.run("sample", f"--hf_dir={hf_dir}", f"--prompts={path}",
+          f"--max_new_tokens={max_new_tokens}", "--temperature=0", "--dtype=float32",
+          f"--output={out}", *flags)
+  return [json.loads(l) for l in out.read_text().splitlines()]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_greedy_equals_transformers_generate(family, hf_models, tmp_path):
   hf_dir = hf_models(family)
-  prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-  out = tmp_path / "out.jsonl"
-  cli.run("sample", f"--hf_dir={hf_dir}", f"--prompts={prompts}", "--max_new_tokens=12",
-          "--temperature=0", "--agents=2", "--dtype=float32", f"--output={out}")
-  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  lines = cli_greedy(hf_dir, PROMPTS, 12, tmp_path, "--agents=2")
   assert len(lines) == 2 * len(PROMPTS)
   expected = hf_greedy(hf_dir, PROMPTS, 12)
   for line in lines:

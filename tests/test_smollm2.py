@@ -92,7 +92,7 @@ def _mean_nll(logits, tokens, mask):
 def test_greedy_chat_sampling_equals_transformers_generate(smollm2_dir, tmp_path):
   prompts = ["What is the result of 2+3*4+1-0*5?", "Name the capital of France.",
              "Write a haiku about gradient descent."]
-  lines = cli_greedy(smollm2_dir, prompts, 64, tmp_path, "--chat")
+  lines = cli_greedy(smollm2_dir, prompts, 64, tmp_path, "--chat", fast_compile=False)
   expected = hf_greedy(smollm2_dir, prompts, 64, chat=True)
   assert [l["token_ids"] for l in lines] == expected
   assert "Paris" in lines[1]["text"]  # a real model, not random weights
@@ -105,7 +105,7 @@ def test_one_maft_iteration_of_the_real_model(smollm2_dir, tmp_path):
   from tests.test_selection import check_stage_records
   work = str(tmp_path / "run")
   cli.run("train", "--config=configs/smollm2.py:smoke", f"--config.model.path={smollm2_dir}",
-          f"--workdir={work}", "--noprogress", "--noreport", timeout=900)  # 2 min when idle
+          f"--workdir={work}", "--noprogress", "--noreport", timeout=900, fast_compile=False)
   with open(os.path.join(work, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert [(r["iteration"], r["stage"]) for r in records] == [

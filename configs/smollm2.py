@@ -22,8 +22,8 @@ configs/methods.py):
                                   answers, LoRA: sizes for CPU (time not yet measured;
                                   a LoRA step of 4 agents x 320 tokens costs ~18 s on
                                   2 cores, and every agent computes every step)
-    configs/smollm2.py:smoke      minimal sizes, for the test suite: 2 min 08 s on 2
-                                  idle CPU cores (2026-12-02)
+    configs/smollm2.py:smoke      minimal sizes, for the test suite: 91 s on 2 idle
+                                  CPU cores (2026-12-02), RSS 9 GB
     configs/smollm2.py:cpu,star   and so on
 
 Sampling (T=1.0, top-p 0.9) and finetuning (2 epochs, cosine, 3% warmup) follow

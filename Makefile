@@ -19,8 +19,8 @@ $(STAMP): requirements.txt requirements-tasks.txt requirements-test.txt requirem
 	touch $(STAMP)
 
 # Two workers on two cores: the suite is CPU-bound (compiles, the real model), and
-# a third worker only adds contention (the same tree: 451 s at -n 2 against
-# 536 s at -n 3, 2026-12-02). Tests of one xdist_group (the real model, the demo
+# a third worker only adds contention (from a fresh clone, 2026-12-02: 8 min 41 s
+# at -n 2, 9 min 56 s at -n 3). Tests of one xdist_group (the real model, the demo
 # base) run on one worker, which builds their fixture once.
 #
 # Byte code is written as the tests import (PYTHONDONTWRITEBYTECODE, set on

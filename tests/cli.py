@@ -1,5 +1,7 @@
-"""Run `python -m launch.<name>` in a subprocess, as a user would."""
+"""Run `python -m launch.<name>` in a subprocess, as a user would, and read
+what a run wrote."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # The `launch.*` subprocesses of the end-to-end tests share one persistent XLA
-# compilation cache: a test starts the same programs many times (a run, its
-# rerun, its resumes, launch.evaluate). Measured on 2 cores: the smoke train
-# 31.8 s cold, 19.6 s warm; the whole resume test 120 s against 131 s without.
+# compilation cache: the tests start the same programs many times (a run, its
+# rerun, its resumes, launch.evaluate). Measured on 2 cores before the
+# cheaper compile flags of conftest: the smoke train 31.8 s cold, 19.6 s warm.
 # In-process tests do not use it: there, most programs compile once, and
 # writing them cost ~10%. Entries are keyed by program, flags and jax version;
 # a damaged entry is a warning and a recompile. MAFT_TEST_JAX_CACHE='' turns
@@ -44,3 +46,11 @@ def run(module: str, *args: str, check: bool = True, devices: int = 1, timeout: 
   if check and proc.returncode != 0:
     raise AssertionError(f"launch.{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc
+
+
+def records(workdir, timing: bool = True) -> list[dict]:
+  """The stage records of a run (`metrics.jsonl`); `timing=False` drops the
+  seconds, which differ between two runs of the same stages."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    out = [json.loads(line) for line in f]
+  return out if timing else [{k: v for k, v in r.items() if k != "seconds"} for r in out]

@@ -19,8 +19,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8 " + FAST_COMPILE).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One torch thread (the parity references): the suite keeps both cores busy
-# with several processes, where a second intra-op thread only spins. SmolLM2's
+# One torch (OpenMP) thread, here and in launch.* subprocesses, which inherit
+# it (XLA ignores it): the suite keeps both cores busy with several
+# processes, where a second intra-op thread of the parity references only spins. SmolLM2's
 # greedy reference took 61 CPU-s inside the suite, 15 alone on one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -20,22 +20,28 @@ def _locked(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_FAILED: dict[str, str] = {}  # path -> error, in this process
+
+
 def made(path: str, make: Callable[[str], None]) -> str:
   """`path`, made by `make(path)` unless it exists. `make` leaves `path` whole
   or absent (it writes elsewhere and renames). A failure is raised again to
   every later caller of this test session, instead of being retried by each
   (a later session tries again)."""
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # shared by the workers of one run
+  failed = f"{path}.failed-{run}" if run else None
   with _locked(path + ".lock"):
-    failed = f"{path}.failed-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
-    if os.path.exists(failed):
-      with open(failed) as f:
-        raise AssertionError(f"made once and failed: {f.read()}")
+    if path in _FAILED or (failed and os.path.exists(failed)):
+      message = _FAILED.get(path) or open(failed).read()
+      raise AssertionError(f"made once and failed: {message}")
     if not os.path.exists(path):
       try:
         make(path)
-      except BaseException as e:
-        with open(failed, "w") as f:
-          f.write(f"{type(e).__name__}: {e}")
+      except Exception as e:  # not an interrupt: a later session tries again
+        _FAILED[path] = f"{type(e).__name__}: {e}"
+        if failed:
+          with open(failed, "w") as f:
+            f.write(_FAILED[path])
         raise
   return path
 
@@ -57,5 +63,6 @@ def finished_run(tmp_path_factory, name: str, *args: str, devices: int = 1) -> s
     proc = cli.run("train", *args, f"--workdir={partial}", devices=devices)
     with open(os.path.join(partial, "stdout.txt"), "w") as f:
       f.write(proc.stdout)
-    os.replace(partial, work)  # nothing in a workdir holds its own path
+    # Nothing the tests read depends on the path (report.md names the .partial one).
+    os.replace(partial, work)
   return made(os.path.join(session_dir(tmp_path_factory), f"run-{name}"), make)

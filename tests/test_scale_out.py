@@ -326,10 +326,7 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   for i, err in enumerate(errs):  # each process built only its half of every batch (fsdp=4)
     assert f"process {i} builds rows [[[{4 * i}, {4 * i + 4}]], [[{4 * i}, {4 * i + 4}]]," in err
 
-  def records(work):
-    with open(work / "metrics.jsonl") as f:
-      return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
-  _floats_close(records(two), records(one))
+  _floats_close(cli.records(two, timing=False), cli.records(one, timing=False))
   for name in ("debate", "eval"):
     a = json.loads((one / "iter_01" / name / "debate.json").read_text())
     b = json.loads((two / "iter_01" / name / "debate.json").read_text())
@@ -344,7 +341,7 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   out = tmp_path / "eval.json"
   proc = cli.run("evaluate", f"--workdir={two}", f"--output={out}", devices=1)
   assert "the run's mesh does not fit here" in proc.stderr
-  evaluated, final_eval = json.loads(out.read_text()), records(two)[-1]
+  evaluated, final_eval = json.loads(out.read_text()), cli.records(two)[-1]
   for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate"):
     assert evaluated[key] == final_eval[key], key
   np.testing.assert_allclose(evaluated["cross_nll"], final_eval["cross_nll"], rtol=1e-5)

@@ -2,9 +2,6 @@
 transformers on what a debate feeds it, and one MAFT iteration of it through
 launch.train. One xdist group: one worker converts the model and runs them all."""
 
-import json
-import os
-
 import numpy as np
 import pytest
 
@@ -106,8 +103,7 @@ def test_one_maft_iteration_of_the_real_model(smollm2_dir, tmp_path):
   work = str(tmp_path / "run")
   cli.run("train", "--config=configs/smollm2.py:smoke", f"--config.model.path={smollm2_dir}",
           f"--workdir={work}", "--noprogress", "--noreport", timeout=900, fast_compile=False)
-  with open(os.path.join(work, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  records = cli.records(work)
   assert [(r["iteration"], r["stage"]) for r in records] == [
       (0, "eval"), (1, "debate"), (1, "select"), (1, "finetune"), (1, "eval")]
   check_stage_records(work, 1, critic_weight=0.5, tokenizer=Tokenizer(smollm2_dir))

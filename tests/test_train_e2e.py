@@ -19,15 +19,6 @@ from tests import cli, once
 CONFIG = "--config=configs/demo.py:smoke"
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _without_timing(records):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
 def _kill_when(workdir, ready, timeout=240):
   """Start launch.train; SIGKILL it as soon as `ready()` holds."""
   proc = subprocess.Popen([sys.executable, "-m", "launch.train", CONFIG, f"--workdir={workdir}",
@@ -53,7 +44,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_records_checkpoints_and_report(smoke_run):
   work = smoke_run
-  records = _records(work)
+  records = cli.records(work)
   assert [(r["iteration"], r["stage"]) for r in records] == [
       (0, "eval"), (1, "debate"), (1, "select"), (1, "finetune"), (1, "eval"),
       (2, "debate"), (2, "select"), (2, "finetune"), (2, "eval")]
@@ -105,10 +96,10 @@ def test_smoke_run_records_checkpoints_and_report(smoke_run):
 def test_rerun_does_nothing_and_a_changed_config_is_refused(smoke_run, tmp_path):
   work = str(tmp_path / "run")
   shutil.copytree(smoke_run, work)
-  records = _records(work)
+  records = cli.records(work)
   # A rerun finds every stage done: same records, nothing recomputed.
   cli.run("train", CONFIG, f"--workdir={work}", "--noprogress", "--noreport")
-  assert _records(work) == records
+  assert cli.records(work) == records
   # A changed config is refused, naming the field; more iterations would be accepted.
   changed = cli.run("train", CONFIG, f"--workdir={work}", "--config.debate.rounds=3",
                     check=False)
@@ -116,7 +107,7 @@ def test_rerun_does_nothing_and_a_changed_config_is_refused(smoke_run, tmp_path)
 
 
 def test_evaluate_reproduces_the_runs_evaluation(smoke_run, tmp_path):
-  work, final_eval = smoke_run, _without_timing(_records(smoke_run)[-1:])[0]
+  work, final_eval = smoke_run, cli.records(smoke_run, timing=False)[-1]
   # launch.evaluate on the run's last population reproduces the run's own evaluation.
   out = tmp_path / "eval.json"
   cli.run("evaluate", f"--workdir={work}", f"--output={out}")
@@ -149,7 +140,7 @@ def test_killed_between_stages_and_mid_finetune_resumes_to_the_same_records(smok
   assert os.path.isdir(it1("select")) and not os.path.exists(it1("finetune"))
   cli.run("train", CONFIG, f"--workdir={killed}", "--config.finetune.save_every=1",
           "--noprogress", "--noreport")
-  assert _without_timing(_records(killed)) == _without_timing(_records(smoke_run))
+  assert cli.records(killed, timing=False) == cli.records(smoke_run, timing=False)
 
 
 def test_star_through_launch_train(tmp_path):
@@ -173,7 +164,7 @@ def test_star_through_launch_train(tmp_path):
       assert f"Hint: the correct answer is {problems[b].reference}." in msgs[0]["content"]
   with open(os.path.join(star, "iter_01", "select", "agent_0.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  summary = _records(star)[2]
+  summary = cli.records(star)[2]
   assert summary["stage"] == "select" and len(rows) == summary["d_g"][0] + \
       summary["rationales_kept"][0] == sum(first) + summary["rationales_kept"][0]
   for row in rows:

@@ -20,9 +20,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One torch (OpenMP) thread, here and in launch.* subprocesses, which inherit
-# it (XLA ignores it): the suite keeps both cores busy with several
-# processes, where a second intra-op thread of the parity references only spins. SmolLM2's
-# greedy reference took 61 CPU-s inside the suite, 15 alone on one thread.
+# it (XLA ignores it): the suite keeps both cores busy with several processes,
+# where a second intra-op thread of the parity references only spins.
+# SmolLM2's greedy reference took 61 CPU-s inside the suite, 15 alone on one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402

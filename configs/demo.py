@@ -20,7 +20,7 @@ configs/methods.py selects a baseline through the same code):
 import ml_collections
 
 from configs import methods
-from maft_jax import loop
+from maft_jax import config as run_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a["variant"] not in ("full", "smoke"):
     raise ValueError(f"variant={a['variant']!r}; variants: full, smoke")
   smoke = a["variant"] == "smoke"
-  c = loop.default_config()
+  c = run_config.default_config()
   c.name = "demo-smoke" if smoke else "demo"
   c.seed = 0
   c.iterations = 2 if smoke else 3

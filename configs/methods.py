@@ -6,7 +6,7 @@
     summarize     critics read a summary of the other answers, written by themselves
     ground_truth  MAFT with agreement replaced by verification against references
     cross_agent   verified responses from any agent, weighted toward an agent's
-                  failures and the responses it finds unlikely (see loop.select)
+                  failures and the responses it finds unlikely (see selection.select)
     star          STaR (Zelikman et al. 2022): one agent, one round;
                   every iteration restarts from the base and trains on the union so
                   far of its verified rationales and of its verified

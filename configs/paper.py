@@ -45,7 +45,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import methods
-from maft_jax import loop
+from maft_jax import config as run_config
 
 MODELS = {"phi3": "Phi-3-mini-4k-instruct", "mistral": "Mistral-7B-Instruct-v0.2",
           "llama3": "Meta-Llama-3-8B-Instruct"}
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"model={a['model']!r}; models: {', '.join(MODELS)}")
   if a["task"] not in TASKS:
     raise ValueError(f"task={a['task']!r}; tasks: {', '.join(TASKS)}")
-  c = loop.default_config()
+  c = run_config.default_config()
   c.name = f"{a['model']}-{a['task']}"
   c.model.source = "hf"           # --config.model.path=/models/<HF directory>
   c.model.dtype, c.model.remat = "bfloat16", "full"

@@ -19,9 +19,11 @@ configs/methods.py):
     configs/smollm2.py            3 generators + 3 critics, 2 rounds, 3 iterations,
                                   64 training and 64 held-out problems: for a GPU
     configs/smollm2.py:cpu        2 + 2 agents, 16 + 16 problems, 1 iteration, short
-                                  answers, LoRA: sizes for CPU (time not yet measured;
-                                  a LoRA step of 4 agents x 320 tokens costs ~18 s on
-                                  2 cores, and every agent computes every step)
+                                  answers, LoRA: sizes for CPU, 22 min on 2 idle cores
+                                  (2026-12-02), 17 of them finetuning (4 steps of 4
+                                  agents x 4 rows x 1,024 slots, mostly padding); at 96
+                                  tokens 2/3 of the answers hit the length limit, so
+                                  it shows the pipeline, not a gain
     configs/smollm2.py:smoke      minimal sizes, for the test suite: 91 s on 2 idle
                                   CPU cores (2026-12-02), RSS 9 GB
     configs/smollm2.py:cpu,star   and so on
@@ -34,7 +36,7 @@ models; a 135M model moves little at it in 2 epochs).
 import ml_collections
 
 from configs import methods
-from maft_jax import loop
+from maft_jax import config as run_config
 
 PATH = "models/SmolLM2-135M-Instruct"
 VARIANTS = ("gpu", "cpu", "smoke")
@@ -45,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a["variant"] not in VARIANTS:
     raise ValueError(f"variant={a['variant']!r}; variants: {', '.join(VARIANTS)}")
   v = a["variant"]
-  c = loop.default_config()
+  c = run_config.default_config()
   c.name = "smollm2" if v == "gpu" else f"smollm2-{v}"
   c.seed = 0
   c.model.source, c.model.path = "hf", PATH

@@ -1,48 +1,12 @@
-"""Shared by the entry points: load a population from a HF dir or a checkpoint."""
+"""Shared by the entry points: flags, config overrides, the mesh, logging."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import jax
 
-from maft_jax import checkpoint, hf, population, sharding
-from maft_jax.model import ModelConfig, Params
-from maft_jax.tokenizer import Tokenizer, check_fits
-
-
-@dataclasses.dataclass(frozen=True)
-class Loaded:
-  pop: Params
-  cfg: ModelConfig
-  tokenizer: Tokenizer
-  hf_config: dict
-  source_dtype: str
-
-
-def load(*, hf_dir: str | None, checkpoint_dir: str | None, agents: int | None,
-         dtype: str, param_dtype: str | None = None) -> Loaded:
-  """Exactly one of hf_dir / checkpoint_dir. From a HF dir, `agents` copies
-  (default 1); from a checkpoint, its agents (or the first `agents`)."""
-  if (hf_dir is None) == (checkpoint_dir is None):
-    raise ValueError("give exactly one of --hf_dir or --checkpoint")
-  if hf_dir is not None:
-    m = hf.load(hf_dir, dtype=dtype, param_dtype=param_dtype or "float32")
-    tok = Tokenizer(hf_dir)
-    check_fits(tok, m.cfg.vocab_size, hf_dir)
-    pop = population.replicate(m.params, agents or 1)
-    return Loaded(pop, m.cfg, tok, m.hf_config, m.source_dtype)
-  overrides = {"dtype": dtype}
-  if param_dtype:
-    overrides["param_dtype"] = param_dtype
-  pop, meta = checkpoint.load_population(checkpoint_dir, **overrides)
-  if agents is not None:
-    if not 1 <= agents <= meta.num_agents:
-      raise ValueError(f"--agents={agents}: the checkpoint has {meta.num_agents} agents")
-    pop = population.stack(population.unstack(pop)[:agents])
-  tok = Tokenizer(checkpoint.tokenizer_dir(checkpoint_dir))
-  return Loaded(pop, meta.cfg, tok, meta.hf_config, meta.source_dtype)
+from maft_jax import sharding
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -162,8 +126,8 @@ def define_distributed_flags():
 def mesh_for_here(config: dict, text: str | None) -> tuple[dict, str | None]:
   """(config with the mesh this evaluation uses, a note when it is not the
   config's own). `text` is --mesh: `axis=size` pairs over the default mesh."""
-  from maft_jax import loop  # deferred: the other launch commands need none of it
-  default = loop.default_config().mesh.to_dict()
+  from maft_jax import config as run_config  # deferred: the other launch commands need none of it
+  default = run_config.default_config().mesh.to_dict()
   if text is not None:
     mesh, given = dict(default), set()
     for item in text.split(","):
@@ -173,7 +137,7 @@ def mesh_for_here(config: dict, text: str | None) -> tuple[dict, str | None]:
       except ValueError:
         value = None
       if axis not in default or axis in given or value is None:
-        raise loop.ConfigError(f"--mesh={text}: expected distinct axis=size pairs over the "
+        raise run_config.ConfigError(f"--mesh={text}: expected distinct axis=size pairs over the "
                                f"axes {sorted(default)}, e.g. agent=2,fsdp=-1")
       mesh[axis] = value
       given.add(axis)

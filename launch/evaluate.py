@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import common
-from maft_jax import checkpoint, loop
+from maft_jax import checkpoint, config, loop, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with --checkpoint).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory.")
@@ -44,44 +44,42 @@ def main(argv):
   try:
     if _WORKDIR.value:
       if _CHECKPOINT.value:
-        raise loop.ConfigError("give --workdir or --checkpoint (with --config), not both")
+        raise config.ConfigError("give --workdir or --checkpoint (with --config), not both")
       cfg_path = os.path.join(_WORKDIR.value, "config.json")
       if not os.path.isfile(cfg_path):
-        raise loop.ConfigError(f"{_WORKDIR.value}: no config.json (not a launch.train workdir)")
+        raise config.ConfigError(f"{_WORKDIR.value}: no config.json (not a launch.train workdir)")
       with open(cfg_path) as f:
-        config, note = common.mesh_for_here(json.load(f), _MESH.value)
+        wanted, note = common.mesh_for_here(json.load(f), _MESH.value)
       if note:
         logging.info(note)
-      plan = loop.validate(config)
+      plan = config.validate(wanted)
       run = loop.Run(plan, _WORKDIR.value)
       done = [k for k in range(1, plan.iterations + 1)
               if os.path.isdir(run.population_path(k))]
       k = _ITERATION.value if _ITERATION.value is not None else max(done, default=0)
       if k and k not in done:
-        raise loop.ConfigError(f"--iteration={k}: {_WORKDIR.value} has finetuned populations "
-                               f"for iterations {done or 'none'}")
-      seed = loop.eval_seed(plan.seed)
+        raise config.ConfigError(f"--iteration={k}: {_WORKDIR.value} has finetuned "
+                                 f"populations for iterations {done or 'none'}")
+      seed = stages.eval_seed(plan.seed)
       source = f"{_WORKDIR.value} iteration {k}"
     else:
       if _CONFIG.value is None or not _CHECKPOINT.value:
-        raise loop.ConfigError("give --workdir, or --config with --checkpoint")
+        raise config.ConfigError("give --workdir, or --config with --checkpoint")
       checkpoint.read_meta(_CHECKPOINT.value)
-      config = _CONFIG.value.to_dict()
-      config["model"] = dict(config.get("model", {}), source="checkpoint",
+      wanted = _CONFIG.value.to_dict()
+      wanted["model"] = dict(wanted.get("model", {}), source="checkpoint",
                              path=_CHECKPOINT.value)
       if _MESH.value is not None:
-        config, _ = common.mesh_for_here(config, _MESH.value)
-      plan = loop.validate(config)
+        wanted, _ = common.mesh_for_here(wanted, _MESH.value)
+      plan = config.validate(wanted)
       run = loop.Run(plan, _CHECKPOINT.value)  # nothing is written there
-      k, seed, source = 0, loop.eval_seed(plan.seed), _CHECKPOINT.value
-  except (loop.ConfigError, checkpoint.CheckpointError) as e:
+      k, seed, source = 0, stages.eval_seed(plan.seed), _CHECKPOINT.value
+  except (config.ConfigError, checkpoint.CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
   if _SEED.value is not None:
     seed = _SEED.value
-  base = run.prepare()
-  pop = base if k == 0 else run.load_population(k)
-  del base
-  result, _, _ = run.evaluate(pop, seed=seed)
+  pop = run.load_population(k)
+  result, _, _ = stages.eval_debate(run.env, pop, seed=seed)
   result = {"source": source, **result}
   text = json.dumps(result, indent=1)
   print(text)

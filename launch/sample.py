@@ -19,8 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from launch import common
-from maft_jax import generation, sampling
+from maft_jax import checkpoint, generation, hf, sampling, source
 from maft_jax.tasks.base import read_jsonl, require
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Local HF model directory.")
@@ -62,18 +61,22 @@ def main(argv):
   method = sampling.from_flags(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                top_p=_TOP_P.value, min_p=_MIN_P.value)
   prompts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS.value)
-  loaded = common.load(hf_dir=_HF_DIR.value, checkpoint_dir=_CHECKPOINT.value,
-                       agents=_AGENTS.value, dtype=_DTYPE.value)
-  tok = loaded.tokenizer
+  kind, path = ("hf", _HF_DIR.value) if _HF_DIR.value else ("checkpoint", _CHECKPOINT.value)
+  try:
+    src = source.describe(kind, path, dtype=_DTYPE.value)
+    pop = source.load(src, _AGENTS.value)
+  except (source.SourceError, checkpoint.CheckpointError, hf.HFError) as e:
+    raise SystemExit(f"error: {e}") from None
+  tok = src.tokenizer()
   if _CHAT.value:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
   options = generation.Options(max_new_tokens=_MAX_NEW.value, method=method,
                                num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value,
                                stop_strings=tuple(_STOP.value),
                                stop_after_boxed=_STOP_BOXED.value)
-  gen = generation.Generator(loaded.cfg, tok, log=logging.info)
+  gen = generation.Generator(src.cfg, tok, log=logging.info)
   # A chat template already holds its special tokens.
-  out = gen.generate(loaded.pop, prompts, options=options, seed=_SEED.value,
+  out = gen.generate(pop, prompts, options=options, seed=_SEED.value,
                      add_special_tokens=not _CHAT.value)
   sink = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
   try:

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import common
-from maft_jax import loop
+from maft_jax import config, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it holds state).",
@@ -53,13 +53,13 @@ def _capacity() -> int:
 
 def dry_run(plan) -> None:
   """Print the memory plan; exit 1 naming the knobs when it does not fit."""
-  from maft_jax import hf
+  from maft_jax import hf, memory
   try:
-    mp = loop.memory_plan(plan, capacity=_capacity())
+    mp = memory.plan_run(plan, capacity=_capacity())
   except hf.HFError as e:
     raise SystemExit(f"error: {e}") from None
   print(mp.table())
-  for note in loop.layout_notes(plan):
+  for note in config.layout_notes(plan):
     print(f"note: {note}")
   if not mp.fits:
     raise SystemExit(f"error: the run needs {mp.peak / 1e9:.1f} GB per device, more than "
@@ -72,12 +72,12 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py:smoke")
   _INIT_DISTRIBUTED()
   try:
-    plan = loop.validate(_CONFIG.value)
+    plan = config.validate(_CONFIG.value)
     if _DRY_RUN.value:
       return dry_run(plan)
     run = loop.Run(plan, _WORKDIR.value, progress=_PROGRESS.value)
     run.check_workdir()
-  except loop.ConfigError as e:
+  except config.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   run.run()
   from maft_jax import distributed

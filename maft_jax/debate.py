@@ -43,10 +43,6 @@ class Debate:
     return len(self.texts)
 
 
-def _advice(others: Sequence[str]) -> str:
-  return "".join(f"\n\nOne agent solution: ```{o}```" for o in others)
-
-
 def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
         generators: Params, critics: Params | None, rounds: int, options: generation.Options,
         seed: int, summarize: bool = False) -> Debate:
@@ -85,7 +81,7 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
               for n in range(n_slots)]
     if summarize:
       summary_msgs = [[[{"role": "user", "content": SUMMARY_INSTRUCTION.format(
-          advice=_advice(others[n][b]))}] for b in range(len(problems))] for n in range(n_slots)]
+          advice=prompts.advice(others[n][b]))}] for b in range(len(problems))] for n in range(n_slots)]
       summaries, _ = ask(speakers, summary_msgs, seed * 1000 + 100 + m, summary_options)
       advice = [[[summaries[n][b]] for b in range(len(problems))] for n in range(n_slots)]
     else:

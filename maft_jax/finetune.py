@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from maft_jax import model, population, sharding
+from maft_jax import checks, model, population, sharding
 from maft_jax.model import ModelConfig, Params
 
 
@@ -51,12 +51,11 @@ class Hyper:
   ce_chunk: int = 512
 
   def __post_init__(self):
-    if not self.learning_rate > 0:
-      raise ValueError(f"Hyper.learning_rate={self.learning_rate} must be > 0")
-    if not 0 <= self.warmup_frac < 1:
-      raise ValueError(f"Hyper.warmup_frac={self.warmup_frac} must be in [0, 1)")
-    if self.ce_chunk < 1:
-      raise ValueError(f"Hyper.ce_chunk={self.ce_chunk} must be >= 1")
+    checks.check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+    checks.check(0 <= self.warmup_frac < 1, "warmup_frac", self.warmup_frac, "must be in [0, 1)")
+    checks.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+    checks.check(self.clip_norm > 0, "clip_norm", self.clip_norm, "must be > 0")
+    checks.at_least(self, 1, "ce_chunk")
 
 
 def optimizer(h: Hyper) -> optax.GradientTransformation:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-import time
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from maft_jax import distributed, sampling, sharding
+from maft_jax import checks, distributed, progress, sampling, sharding
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks import answers
 
@@ -50,9 +48,7 @@ class Options:
   extra_stop_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
-    for name in ("max_new_tokens", "num_samples", "batch_size", "min_bucket"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"Options.{name}={getattr(self, name)} must be >= 1")
+    checks.at_least(self, 1, "max_new_tokens", "num_samples", "batch_size", "min_bucket")
 
 
 def bucket_length(n: int, min_bucket: int) -> int:
@@ -136,7 +132,8 @@ class Generator:
     out_lengths = np.zeros((A, P, S), np.int32)
     key = jax.random.key(seed)
     B = min(options.batch_size, P)
-    done_tokens, t0 = 0, time.perf_counter()
+    done_tokens = 0
+    bar = progress.Line("sampling", total=P, unit="prompts", enabled=self.progress)
     for c in range(0, P, B):
       chunk = order[c:c + B]
       T = bucket_length(int(lengths[chunk].max()), options.min_bucket)
@@ -163,15 +160,8 @@ class Generator:
       out_logprobs[:, chunk] = distributed.to_host(res.logprobs).reshape(A, B, S, N)[:, :n]
       out_lengths[:, chunk] = distributed.to_host(res.lengths).reshape(A, B, S)[:, :n]
       done_tokens += int(out_lengths[:, chunk].sum())
-      if self.progress:
-        elapsed = time.perf_counter() - t0
-        done = min(c + B, P)
-        sys.stderr.write(f"\rsampling: {done}/{P} prompts, {done_tokens} tokens, "
-                         f"{done_tokens / max(elapsed, 1e-9):,.0f} tok/s, "
-                         f"ETA {elapsed / done * (P - done):.0f}s ")
-        sys.stderr.flush()
-    if self.progress:
-      sys.stderr.write("\n")
+      bar.update(min(c + B, P), done_tokens, f"{done_tokens} tokens")
+    bar.close()
     return [[[self._completion(out_tokens[a, p, s], out_logprobs[a, p, s],
                                int(out_lengths[a, p, s]), stop_ids, options)
               for s in range(S)] for p in range(P)] for a in range(A)]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import model
+from maft_jax import checks, model
 from maft_jax.model import ModelConfig, Params
 
 # target -> number of input dims after the layer axis (the rest are outputs).
@@ -34,11 +34,11 @@ class LoraConfig:
   targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
   def __post_init__(self):
-    if self.rank < 1:
-      raise ValueError(f"LoraConfig.rank={self.rank} must be >= 1")
+    checks.at_least(self, 1, "rank")
+    checks.check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
     unknown = [t for t in self.targets if t not in TARGETS]
-    if unknown or not self.targets:
-      raise ValueError(f"LoraConfig.targets={self.targets!r}: choose from {tuple(TARGETS)}")
+    checks.check(self.targets and not unknown, "targets", self.targets,
+                 f"unknown projection(s) {unknown}; choose from {', '.join(TARGETS)}")
 
   @property
   def scale(self) -> float:

@@ -22,6 +22,7 @@ compiling anything.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -185,3 +186,36 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
         for method in dict.fromkeys(methods))
   return dataclasses.replace(result, train_temp=train_temp,
                              sample_temp=max(_temp(prefill), decode_temp))
+
+
+def model_config(plan) -> ModelConfig:
+  """A `config.Plan`'s model architecture and numerics, without reading any weights."""
+  from maft_jax import checkpoint, hf  # deferred: checkpoint reading pulls in orbax
+  m = plan.model
+  if m.source == "hf":
+    cfg = hf.config_from_hf(hf.read_config(m.path), dtype=m.dtype, param_dtype="float32",
+                            where=f"{m.path}/config.json")
+  elif m.source == "checkpoint":
+    cfg = dataclasses.replace(checkpoint.read_meta(m.path).cfg, dtype=m.dtype,
+                              param_dtype="float32")
+  else:  # a builder (maft_jax.builders): the architecture it would build
+    from maft_jax import builders
+    cfg = hf.config_from_hf(builders.get(m.source).architecture(m.demo_preset), dtype=m.dtype,
+                            param_dtype="float32")
+  return dataclasses.replace(cfg, remat=m.remat)
+
+
+def plan_run(plan, *, capacity: int, compile: bool = True,
+             log: Callable[[str], None] = logging.info) -> MemoryPlan:
+  """`plan_memory` for a `config.Plan` on its mesh: sampling at the larger of
+  the debate's and evaluation's batch and lengths (prompts as long as a
+  finetuning row leaves room for), training at finetune.batch_size x
+  grad_accum x seq_len."""
+  d, e, s = plan.debate.options, plan.eval.options, plan.finetune.sft
+  new_tokens = max(d.max_new_tokens, e.max_new_tokens)
+  return plan_memory(
+      model_config(plan), agents=plan.num_agents, mesh=sharding.make_mesh(plan.mesh),
+      sample_batch=max(d.batch_size, e.batch_size), prompt_len=s.seq_len - new_tokens,
+      max_new_tokens=new_tokens, train_batch=s.batch_size, grad_accum=s.grad_accum,
+      seq_len=s.seq_len, hyper=s.hyper, lora_config=s.lora, capacity=capacity,
+      compile=compile, methods=(d.method, e.method), log=log)

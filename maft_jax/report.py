@@ -623,3 +623,31 @@ def write_tensorboard(workdir: str, records: Iterable[dict], logdir: str | None 
   finally:
     writer.close()
   return logdir
+
+
+# ----------------------------------------------------------------------------- console
+
+def _pct_or_dash(x) -> str:
+  return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+def _pct_se(record, field: str) -> str:
+  return pct_se(*accuracy(record, field))
+
+
+def console_table(records: Sequence[Mapping[str, Any]], generators: int) -> str:
+  """The per-iteration table printed after every iteration; accuracies carry
+  ± their standard error (percentage points)."""
+  evals = {r["iteration"]: r for r in records if r["stage"] == "eval"}
+  sel = {r["iteration"]: r for r in records if r["stage"] == "select"}
+  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * generators}}  {'mean':>12}  "
+           f"{'majority':>12}  {'debate':>12}  {'best-of-N':>12}  {'consensus':>9}  selected"]
+  for k in sorted(evals):
+    e = evals[k]
+    accs = e.get("round1_accuracy", [])
+    lines.append(
+        f"{k:>4}  {' '.join(_pct_or_dash(x) for x in accs):<{7 * generators}}  "
+        f"{_pct_se(e, 'round1_mean'):>12}  {_pct_se(e, 'majority_accuracy'):>12}  "
+        f"{_pct_se(e, 'debate_accuracy'):>12}  {_pct_se(e, 'best_of_n_accuracy'):>12}  "
+        f"{_pct_or_dash(e.get('consensus_rate')):>9}  {sel[k]['selected'] if k in sel else '-'}")
+  return "\n".join(lines)

@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import model, sharding
+from maft_jax import checks, model, sharding
 from maft_jax.model import ModelConfig, Params
 
 _NEG = -jnp.inf
-
-
-class Method(Protocol):
-  def process(self, logits_BxV: jax.Array) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +43,8 @@ class Temperature:
   temperature: float
 
   def __post_init__(self):
-    if not self.temperature > 0:
-      raise ValueError(f"Temperature.temperature={self.temperature} must be > 0 (use Greedy)")
+    checks.check(self.temperature > 0, "temperature", self.temperature,
+                 "must be > 0 (0 in a flag: greedy)")
 
   def process(self, logits_BxV):
     return logits_BxV / self.temperature
@@ -61,8 +55,7 @@ class TopK:
   k: int
 
   def __post_init__(self):
-    if self.k < 1:
-      raise ValueError(f"TopK.k={self.k} must be >= 1")
+    checks.check(self.k >= 1, "top_k", self.k, "must be >= 1 (0 in a flag: off)")
 
   def process(self, logits_BxV):
     k = min(self.k, logits_BxV.shape[-1])
@@ -91,8 +84,7 @@ class TopP:
   p: float
 
   def __post_init__(self):
-    if not 0 < self.p <= 1:
-      raise ValueError(f"TopP.p={self.p} must be in (0, 1]")
+    checks.check(0 < self.p <= 1, "top_p", self.p, "must be in (0, 1]")
 
   def process(self, logits_BxV):
     sorted_logits = -jnp.sort(-logits_BxV, axis=-1)
@@ -138,8 +130,7 @@ class MinP:
   p: float
 
   def __post_init__(self):
-    if not 0 <= self.p <= 1:
-      raise ValueError(f"MinP.p={self.p} must be in [0, 1]")
+    checks.check(0 <= self.p <= 1, "min_p", self.p, "must be in [0, 1] (0: off)")
 
   def process(self, logits_BxV):
     # probs < p * max(probs), written without the normalisation so that it
@@ -162,17 +153,17 @@ class Chain:
 
 def from_flags(*, temperature: float, top_k: int = 0, top_p: float = 1.0,
                min_p: float = 0.0):
-  """The method a command line asks for; temperature 0 is greedy."""
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0")
+  """The method a command line asks for; temperature 0 is greedy, and top_k
+  0, top_p 1 and min_p 0 are off. Any other value makes its step, which
+  checks it (one rule per setting)."""
   if temperature == 0:
     return Greedy()
   steps = [Temperature(temperature)]
-  if top_k:
+  if top_k != 0:
     steps.append(TopK(top_k))
-  if top_p < 1.0:
+  if top_p != 1.0:
     steps.append(TopP(top_p))
-  if min_p > 0.0:
+  if min_p != 0.0:
     steps.append(MinP(min_p))
   return steps[0] if len(steps) == 1 else Chain(tuple(steps))
 
@@ -203,12 +194,6 @@ def draw_rows(method, logits_RxV, keys_R):
   last = nuclei[-1]
   before = Chain(steps[:last]).process(logits_RxV)
   return steps[last].draw_rows(before, Chain(steps[last + 1:]).process(before), keys_R)
-
-
-def draw(method, logits_BxV, key):
-  """One token per row, row b from fold_in(key, b)."""
-  keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BxV.shape[0]))
-  return draw_rows(method, logits_BxV, keys_B)
 
 
 @dataclasses.dataclass(frozen=True)

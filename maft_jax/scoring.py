@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import finetune
+from maft_jax import distributed, finetune, generation, sharding
 from maft_jax.model import ModelConfig, Params
+from maft_jax.tasks import prompts
 
 NO_ANSWER = -1
 
@@ -112,18 +113,6 @@ def cross_agent_weights(correct_AxB, nll_AxA_B, *, temperature: float = 1.0):
   return jnp.where(own, jnp.maximum(w, 1.0), w)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk"))
-def cross_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512):
-  """f32[A_scorer, A_author]: mean completion-token NLL of every agent's
-  responses (batches: dict of [A_author, b, T], SFT layout) under every agent,
-  in one doubly vmapped program."""
-  def one(params, batch):
-    s, n = finetune.token_nll(params, batch, cfg, ce_chunk)
-    return s / jnp.maximum(n, 1)
-  per_author = jax.vmap(one, in_axes=(None, 0))
-  return jax.vmap(per_author, in_axes=(0, None))(pop, batches)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk", "spmd_axis_name"))
 def row_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512,
             spmd_axis_name: str | None = None):
@@ -157,3 +146,40 @@ def scoring_rows(prompt_ids: Sequence[int], completion_ids: Sequence[int], seq_l
   pos[:n] = np.arange(n)
   return {"tokens_BxT": tokens, "loss_mask_BxT": loss, "segment_ids_BxT": seg,
           "positions_BxT": pos}
+
+
+def text_nll(pop: Params, rows, *, cfg: ModelConfig, tokenizer, pad_id: int, max_len: int,
+             chunk: int, ce_chunk: int = 512, mesh=None, spmd_axis_name: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Every agent's NLL of every author's responses: rows[author][b] =
+  (messages, response) -> per-row NLL sums f32[A_scorer, A_author, b] and
+  token counts i32[A_scorer, A_author, b] (host arrays).
+
+  Prompts are rendered as they were sampled (`prompts.to_text`); rows are as
+  long as the longest pair needs (bucketed, at most `max_len`), scored
+  `chunk` problems at a time in one compiled shape (the last chunk padded
+  with rows that carry no loss and are dropped)."""
+  def ids(messages, response):
+    text, special = prompts.to_text(messages, tokenizer)
+    return (tokenizer.encode(text, add_special_tokens=special),
+            tokenizer.encode(response, add_special_tokens=False))
+
+  pairs = [[ids(m, t) for m, t in author] for author in rows]
+  longest = max(len(p) + len(c) for author in pairs for p, c in author)
+  T = min(generation.bucket_length(longest, 16), max_len)
+  encoded = [[scoring_rows(p, c, T, pad_id) for p, c in author] for author in pairs]
+  B = len(encoded[0])
+  chunk = min(chunk, B)  # one compiled shape; no all-padding rows
+  empty = scoring_rows([], [], T, pad_id)
+  sums, counts = [], []
+  for c in range(0, B, chunk):
+    part = [a[c:c + chunk] for a in encoded]
+    pad = chunk - len(part[0])
+    # [A_author, chunk, T]: every scorer reads every author's rows.
+    batch = {key: sharding.host_to_global(
+        np.stack([np.stack([r[key] for r in a] + [empty[key]] * pad) for a in part]),
+        (None, "batch", "length"), mesh) for key in empty}
+    s, n = row_nll(pop, batch, cfg=cfg, ce_chunk=ce_chunk, spmd_axis_name=spmd_axis_name)
+    sums.append(distributed.to_host(s)[..., :chunk - pad])
+    counts.append(distributed.to_host(n)[..., :chunk - pad])
+  return np.concatenate(sums, -1), np.concatenate(counts, -1)

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import checkpoint, data, distributed, finetune, lora, population, sharding
+from maft_jax import checkpoint, checks, data, distributed, finetune, lora, population, sharding
+from maft_jax import progress as progress_line
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks.base import require
 
@@ -53,11 +53,8 @@ class Settings:
   lora: lora.LoraConfig | None = None
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size", "grad_accum", "save_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"Settings.{name}={getattr(self, name)} must be >= 1")
-    if self.seq_len < 2:
-      raise ValueError(f"Settings.seq_len={self.seq_len} must be >= 2")
+    checks.at_least(self, 1, "epochs", "batch_size", "grad_accum", "save_every")
+    checks.at_least(self, 2, "seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +204,8 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
     return out
 
   t0, tokens_before = time.perf_counter(), tokens_done
+  bar = progress_line.Line("training", total=num_steps, unit="steps", enabled=progress,
+                           start=start)
   try:
     for step in range(start, num_steps):
       micro = [[next_micro(pipes) for _ in range(s.grad_accum)] for pipes in its]
@@ -221,15 +220,8 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
       for a in range(A):
         if updated[a]:
           last_loss[a] = float(loss[a])
-      if progress:
-        elapsed = time.perf_counter() - t0
-        done = step + 1 - start
-        eta = elapsed / done * (num_steps - step - 1)
-        losses = " ".join(f"{l:.3f}" if u else "-" for l, u in zip(loss.tolist(), updated))
-        sys.stderr.write(f"\rtraining: step {step + 1}/{num_steps} loss [{losses}] "
-                         f"{(tokens_done - tokens_before) / max(elapsed, 1e-9):,.0f} tok/s, "
-                         f"ETA {eta:.0f}s ")
-        sys.stderr.flush()
+      losses = " ".join(f"{l:.3f}" if u else "-" for l, u in zip(loss.tolist(), updated))
+      bar.update(step + 1, tokens_done - tokens_before, f"loss [{losses}]")
       if ckpts is not None and ((step + 1) % s.save_every == 0 or step + 1 == num_steps):
         ckpts.save(step + 1, state, {"step": step + 1, "run": run_config, "tokens": tokens_done,
                                      "last_loss": list(last_loss),
@@ -240,8 +232,7 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
     # when a step fails (e.g. a non-finite loss).
     if ckpts is not None:
       ckpts.close()
-  if progress and num_steps > start:
-    sys.stderr.write("\n")
+  bar.close()
   params = state["params"] if s.lora is None else lora.merge_population(base, state["params"],
                                                                           s.lora)
   return Result(params=params, steps=distributed.to_host(state["step"]).tolist(),

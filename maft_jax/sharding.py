@@ -242,6 +242,3 @@ def use_mesh(mesh: Mesh):
     return jax.set_mesh(mesh)
   return mesh
 
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())

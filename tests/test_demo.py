@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from maft_jax import demo, hf
+from maft_jax import hf
+from maft_jax.builders import demo
 from maft_jax.tasks import arithmetic, prompts
 from maft_jax.tokenizer import Tokenizer
 

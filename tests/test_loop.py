@@ -1,14 +1,14 @@
-"""The MAFT driver without a model: config validation, seeds, selection rows."""
+"""The run config and the driver without a model: validation, seeds, config changes."""
 
 import jax
 import numpy as np
 import pytest
 
-from maft_jax import loop, scoring, tasks
+from maft_jax import config, scoring, stages
 
 
 def _config(**groups):
-  c = loop.default_config()
+  c = config.default_config()
   c.model.source = "demo"
   for group, values in groups.items():
     for k, v in values.items():
@@ -36,41 +36,42 @@ def _config(**groups):
      "'tensor': 1}: mesh sizes"),
 ])
 def test_validate_names_the_field(groups, field):
-  with pytest.raises(loop.ConfigError, match=field.replace("(", r"\(").replace(".", r"\.")):
-    loop.validate(_config(**groups))
+  with pytest.raises(config.ConfigError, match=field.replace("(", r"\(").replace(".", r"\.")):
+    config.validate(_config(**groups))
 
 
 def test_validate_unknown_field_and_defaults():
-  with pytest.raises(loop.ConfigError, match=r"config\.debate\.roundz: unknown field"):
-    loop.validate({"model": {"source": "demo"}, "debate": {"roundz": 2}})
-  with pytest.raises(loop.ConfigError, match=r"config\.finetune\.epochs=1\.5: must be an integer"):
-    loop.validate({"model": {"source": "demo"}, "finetune": {"epochs": 1.5}})
-  plan = loop.validate({"model": {"source": "demo"}, "agents": {"generators": 5}})
-  assert plan.num_agents == 10 and plan.rounds == 2 and plan.sft.hyper.learning_rate == 1e-5
+  with pytest.raises(config.ConfigError, match=r"config\.debate\.roundz: unknown field"):
+    config.validate({"model": {"source": "demo"}, "debate": {"roundz": 2}})
+  with pytest.raises(config.ConfigError, match=r"config\.finetune\.epochs=1\.5: must be an integer"):
+    config.validate({"model": {"source": "demo"}, "finetune": {"epochs": 1.5}})
+  plan = config.validate({"model": {"source": "demo"}, "agents": {"generators": 5}})
+  assert plan.num_agents == 10 and plan.debate.rounds == 2
+  assert plan.finetune.sft.hyper.learning_rate == 1e-5
   assert plan.config["debate"]["rounds"] == 2   # defaults are filled into the resolved config
   # LoRA is accepted when every iteration starts from the base.
-  plan = loop.validate(_config(finetune=dict(lora_rank=4, init="base")))
-  assert plan.sft.lora.rank == 4 and plan.sft.lora.alpha == 8.0
+  plan = config.validate(_config(finetune=dict(lora_rank=4, init="base")))
+  assert plan.finetune.sft.lora.rank == 4 and plan.finetune.sft.lora.alpha == 8.0
 
 
 def test_stage_seeds_are_derived_and_distinct():
-  seeds = {(k, s): loop.stage_seed(7, k, s) for k in range(4) for s in loop.STAGES}
+  seeds = {(k, s): stages.stage_seed(7, k, s) for k in range(4) for s in stages.NAMES}
   assert len(set(seeds.values())) == len(seeds)
-  assert loop.stage_seed(7, 2, "eval") == seeds[(2, "eval")]  # a pure function
-  assert loop.stage_seed(8, 2, "eval") != seeds[(2, "eval")]
+  assert stages.stage_seed(7, 2, "eval") == seeds[(2, "eval")]  # a pure function
+  assert stages.stage_seed(8, 2, "eval") != seeds[(2, "eval")]
   assert all(0 <= v < 2**20 for v in seeds.values())
 
 
 def test_config_changes_allow_more_iterations_and_another_mesh_only():
-  a = loop.validate(_config()).config
-  b = loop.validate(_config(debate=dict(rounds=3))).config
+  a = config.validate(_config()).config
+  b = config.validate(_config(debate=dict(rounds=3))).config
   more = dict(a, iterations=a["iterations"] + 2)
-  assert loop.config_changes(a, more) == []
-  assert loop.config_changes(a, dict(a, mesh=dict(a["mesh"], agent=2, fsdp=4))) == []
-  assert loop.config_changes(a, b) == ["debate.rounds was 2, now 3"]
+  assert config.config_changes(a, more) == []
+  assert config.config_changes(a, dict(a, mesh=dict(a["mesh"], agent=2, fsdp=4))) == []
+  assert config.config_changes(a, b) == ["debate.rounds was 2, now 3"]
 
 
-def test_scoring_rows_layout_and_row_nll_matches_cross_nll():
+def test_scoring_rows_layout_and_row_nll_is_every_agents_nll_of_every_row():
   from maft_jax import model, population
   r = scoring.scoring_rows([5, 6, 7, 8], [9, 10], seq_len=5, pad_id=0)
   assert r["tokens_BxT"].tolist() == [6, 7, 8, 9, 10]       # prompt cut from the left
@@ -85,9 +86,18 @@ def test_scoring_rows_layout_and_row_nll_matches_cross_nll():
                                 8, 0) for _ in range(3)] for _ in range(2)]
   batch = {k: np.stack([np.stack([x[k] for x in a]) for a in rows]) for k in rows[0][0]}
   sums, counts = scoring.row_nll(pop, batch, cfg=cfg)
-  matrix = scoring.cross_nll(pop, batch, cfg=cfg)
-  np.testing.assert_allclose(np.asarray(sums).sum(-1) / np.asarray(counts).sum(-1), matrix,
-                             rtol=1e-5)
+  # Reference: each scorer's logits of each row alone, log-softmax by hand.
+  for s in range(2):
+    params = population.select(pop, s)
+    for a in range(2):
+      for b in range(3):
+        r = rows[a][b]
+        logits, _ = model.forward(params, r["tokens_BxT"][None], cfg=cfg)
+        logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        scored = np.flatnonzero(r["loss_mask_BxT"][1:])   # position t predicts token t+1
+        nll = -sum(float(logp[t, r["tokens_BxT"][t + 1]]) for t in scored)
+        assert int(counts[s, a, b]) == len(scored)
+        np.testing.assert_allclose(float(sums[s, a, b]), nll, rtol=1e-4)
 
 
 def _load_config_file(name):
@@ -115,23 +125,23 @@ def test_every_shipped_config_validates(tmp_path, monkeypatch):
         c.model.path = str(model_dir)
         if "path" in c.task.options:
           c.task.options.path = str(data)
-        plan = loop.validate(c)
+        plan = config.validate(c)
         assert plan.iterations == (0 if method == "base" else 5)
-        assert (plan.init == "base") == (method == "star")
-        assert (plan.generators, plan.rounds) == ((1, 1) if method in ("single_agent", "star") else
-                                                 (5, 2) if method == "five_agents" else
-                                                 (3, 1) if method == "majority_ft" else (3, 2))
+        assert (plan.finetune.init == "base") == (method == "star")
+        assert (plan.agents.generators, plan.debate.rounds) == (
+            (1, 1) if method in ("single_agent", "star") else (5, 2) if method == "five_agents"
+            else (3, 1) if method == "majority_ft" else (3, 2))
   for variant in ("full", "smoke"):
     for method in methods.METHODS:
-      loop.validate(demo.get_config(f"{variant},{method}"))
+      config.validate(demo.get_config(f"{variant},{method}"))
   smollm2 = _load_config_file("smollm2")
   for variant in smollm2.VARIANTS:
     for method in methods.METHODS:
       c = smollm2.get_config(f"{variant},{method}")
       c.model.path = str(model_dir)
-      plan = loop.validate(c)
-      assert (plan.sft.lora is not None) == (variant != "gpu"), (variant, method)
-  with pytest.raises(loop.ConfigError, match=r"config\.task\.options\.path=None"):
+      plan = config.validate(c)
+      assert (plan.finetune.sft.lora is not None) == (variant != "gpu"), (variant, method)
+  with pytest.raises(config.ConfigError, match=r"config\.task\.options\.path=None"):
     c = paper.get_config("model=phi3,task=gsm8k")
     c.model.path = str(model_dir)
-    loop.validate(c)
+    config.validate(c)

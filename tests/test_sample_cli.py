@@ -82,9 +82,10 @@ def test_library_never_imports_torch(hf_models):
   import subprocess
   import sys
   code = ("import sys, jax; from launch import common, sample; "
-          "from maft_jax import checkpoint, hf, model, population, sampling, sharding, presets; "
-          f"l = common.load(hf_dir={hf_models('gemma')!r}, checkpoint_dir=None, agents=2, "
-          "dtype='float32'); l.tokenizer.encode('hi'); "
+          "from maft_jax import checkpoint, hf, model, population, sampling, sharding, presets, "
+          "source; "
+          f"s = source.describe('hf', {hf_models('gemma')!r}, dtype='float32'); "
+          "source.load(s, 2); s.tokenizer().encode('hi'); "
           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=cli.ROOT,
                  env={**__import__("os").environ, "PYTHONPATH": cli.ROOT})

@@ -54,7 +54,8 @@ def _expected(method):
 ])
 def test_empirical_frequencies_match(method):
   n = 40_000
-  draw = jax.jit(jax.vmap(lambda k: sampling.draw(method, jnp.asarray(LOGITS)[None], k)[0]))
+  draw = jax.jit(jax.vmap(lambda k: sampling.draw_rows(method, jnp.asarray(LOGITS)[None],
+                                                        k[None])[0]))
   tokens = np.asarray(draw(jax.random.split(jax.random.key(0), n)))
   counts = np.bincount(tokens, minlength=len(LOGITS))
   expected = _expected(method)
@@ -101,11 +102,11 @@ def test_nucleus_keeps_every_token_tied_with_its_last_one():
 
 def test_greedy_is_argmax_and_flags():
   assert isinstance(sampling.from_flags(temperature=0), sampling.Greedy)
-  tok = sampling.draw(sampling.Greedy(), jnp.asarray(LOGITS)[None], jax.random.key(0))
+  tok = sampling.draw_rows(sampling.Greedy(), jnp.asarray(LOGITS)[None], jax.random.key(0)[None])
   assert int(tok[0]) == 0
   m = sampling.from_flags(temperature=0.7, top_k=4, top_p=0.9)
   assert m == sampling.Chain((sampling.Temperature(0.7), sampling.TopK(4), sampling.TopP(0.9)))
-  with pytest.raises(ValueError, match="TopP.p"):
+  with pytest.raises(ValueError, match=r"top_p=0\.0: must be in \(0, 1\]"):
     sampling.TopP(0.0)
 
 

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from maft_jax import sandbox
-from maft_jax.sandbox import Limits, SandboxUnavailable, run_program, run_programs
+from maft_jax.tasks import sandbox
+from maft_jax.tasks.sandbox import Limits, SandboxUnavailable, run_program, run_programs
 
 needs_root = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.geteuid() != 0,

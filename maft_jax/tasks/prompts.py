@@ -29,14 +29,18 @@ def with_hint(problem: Problem, answer_format: str = "a single number") -> list[
       "to it without mentioning the hint.)")}]
 
 
+def advice(others: Sequence[str]) -> str:
+  """The other agents' solutions, as a debate round (and a summary request) quotes them."""
+  return "".join(f"\n\nOne agent solution: ```{o}```" for o in others)
+
+
 def debate_round(problem: Problem, own: str, others: Sequence[str],
                  answer_format: str = "a single number") -> list[dict[str, str]]:
   """The critic's prompt: round-1 question, its own answer, then the advice."""
-  advice = "".join(f"\n\nOne agent solution: ```{o}```" for o in others)
   return round1(problem, answer_format) + [
       {"role": "assistant", "content": own},
       {"role": "user", "content": (
-          f"These are the solutions to the problem from other agents:{advice}\n\n"
+          f"These are the solutions to the problem from other agents:{advice(others)}\n\n"
           "Using the reasoning from other agents as additional advice, can you give an updated "
           "answer? Examine your solution and that of the other agents step by step. Your final "
           f"answer should be {answer_format}, in the form \\boxed{{answer}}, at the end of your "

@@ -62,7 +62,7 @@ import numpy as np
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from maft_jax import data, finetune, hf, model, population, sft
+from maft_jax import checks, data, finetune, hf, model, population, sft
 from maft_jax.tasks import arithmetic, prompts
 from maft_jax.tokenizer import Tokenizer
 
@@ -98,6 +98,7 @@ class DemoSettings:
   @classmethod
   def preset(cls, name: str) -> "DemoSettings":
     """`config.model.demo_preset`: 'full' (the demo) or 'smoke' (tests)."""
+    checks.check(name in ("full", "smoke"), "demo_preset", name, "must be full or smoke")
     return cls.smoke() if name == "smoke" else cls()
 
   @classmethod
@@ -356,3 +357,19 @@ def _replace(src: str, dst: str):
     os.rename(dst, old)
   os.rename(src, dst)
   shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- builder
+
+def build(out_dir: str, preset: str, *, task_options: dict,
+          log: Callable[[str], None] = logging.info, progress: bool = False) -> str:
+  """The builder entry point (`maft_jax.builders`): `build_base` of a preset."""
+  return build_base(out_dir, DemoSettings.preset(preset), task_options=task_options, log=log,
+                    progress=progress)
+
+
+def architecture(preset: str) -> dict[str, Any]:
+  """config.json of a preset without building it: the vocabulary is at most
+  the BPE target, rounded as the build rounds it."""
+  s = DemoSettings.preset(preset)
+  return hf_config(s, s.vocab_size, {PAD: 0, BOS: 1, EOS: 2})

@@ -1,0 +1,83 @@
+"""Files written whole or not at all, and readers that name what is wrong.
+
+A writer writes a temporary file beside its target, flushes it to the disk
+(fsync), and renames it over the target: a reader, or a run killed mid-write,
+sees the old file or the new one, never half of one; after a power loss a
+file that exists holds what was written. `commit_dir` does the same for a
+directory written as `<dir>.partial`. Readers raise `FileError` naming the
+path (and the line of a JSONL file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+
+class FileError(ValueError):
+  """A file that is missing or damaged; the message names it."""
+
+
+def _sync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode())
+
+
+def write_json(path: str, obj: Any, *, indent: int | None = 1) -> None:
+  write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
+  write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def commit_dir(partial: str, final: str) -> None:
+  """Rename the finished directory `partial` to `final` (which must not exist)."""
+  _sync_dir(partial)
+  os.replace(partial, final)
+  _sync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileError(f"{path}: missing") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise FileError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, record) of every non-blank line."""
+  try:
+    f = open(path)
+  except FileNotFoundError:
+    raise FileError(f"{path}: missing") from None
+  with f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        yield lineno, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise FileError(f"{path}:{lineno}: not valid JSON ({e})") from None

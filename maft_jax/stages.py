@@ -1,0 +1,233 @@
+"""The four stages of a MAFT iteration, each a function of explicit inputs.
+
+    summary = stages.debate(env, k, pop, out)       # writes out/debate.json
+    summary = stages.select(env, k, pop, out)       # out/consensus.json, out/agent_A.jsonl
+    summary, pop = stages.finetune(env, k, pop, out)  # out/population/
+    summary = stages.evaluate(env, k, pop, out)     # out/debate.json
+
+A stage reads the run's `Env` (plan, task, problems, tokenizer, sampler:
+nothing that holds weights), the population it is given (`loop.STAGE_TABLE`
+says which; None when it needs none), and the files of the stages before it
+(`env.stage_dir`). It writes its files into `out` (on the primary process;
+checkpoints collectively) and returns its summary, the stage's record.
+
+Randomness is derived, never carried: every stage draws from
+`stage_seed(seed, iteration, stage)`; inside it, samplers fold in the agent,
+the prompt row and the step, and the trainer the agent. Evaluation is the
+exception: every iteration's evaluation samples with `eval_seed(seed)`
+(common random numbers), so the change from one iteration to the next
+reflects the weights, not a new draw of the sampling noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from maft_jax import (checkpoint, config, debate as debates, distributed, files, generation,
+                      metrics, population, scoring, selection, sft, sharding, source)
+from maft_jax.model import Params
+from maft_jax.tasks import Problem, Task
+
+NAMES = ("debate", "select", "finetune", "eval")
+# Programs map the population's agent axis onto this mesh axis (vmap's
+# spmd_axis_name), under `sharding.use_mesh(env.mesh)`.
+AGENT_AXIS = "agent"
+
+
+def stage_seed(seed: int, iteration: int, stage: str) -> int:
+  """The stage's seed, derived from (seed, iteration, stage) alone. Kept below
+  2^20 so that the samplers' seed arithmetic stays inside int32."""
+  state = np.random.SeedSequence([seed, iteration, NAMES.index(stage)]).generate_state(1)
+  return int(state[0]) % (1 << 20)
+
+
+def eval_seed(seed: int) -> int:
+  """The sampling seed of every iteration's held-out evaluation (see the module docstring)."""
+  return stage_seed(seed, 0, "eval")
+
+
+class Env:
+  """What every stage of a run reads. Built from the base's description, not
+  its weights: the tokenizer, model config and sampler; the task and its
+  problems are read when first used."""
+
+  def __init__(self, plan: config.Plan, workdir: str, base: source.Source, *,
+               log: Callable[[str], None] = logging.info, progress: bool = True):
+    self.plan, self.workdir, self.base, self.log = plan, workdir, base, log
+    self.cfg = base.cfg
+    self.tokenizer = base.tokenizer()
+    self.mesh = sharding.make_mesh(plan.mesh)
+    self.gen = generation.Generator(self.cfg, self.tokenizer, progress=progress, log=log,
+                                    spmd_axis_name=AGENT_AXIS, mesh=self.mesh)
+    self.progress = progress
+    self._task: Task | None = None
+    self._split = None
+
+  @property
+  def task(self) -> Task:
+    if self._task is None:
+      from maft_jax import tasks
+      self._task = tasks.load(self.plan.task.name, **self.plan.task.options)
+    return self._task
+
+  def problems(self, split: str) -> list[Problem]:
+    """The run's training ("train") or held-out ("test") problems: exactly
+    task.train_size and task.test_size of them (`Task.split`)."""
+    if self._split is None:
+      self._split = self.task.split(self.plan.task.train_size, self.plan.task.test_size)
+    return self._split.train if split == "train" else self._split.test
+
+  def stage_dir(self, iteration: int, name: str) -> str:
+    return os.path.join(self.workdir, f"iter_{iteration:02d}", name)
+
+  def load_base(self) -> Params:
+    """The base population: A copies of the base (or a checkpoint's A agents) on the mesh."""
+    return source.load(self.base, self.plan.num_agents, self.mesh)
+
+  def row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
+    """`scoring.text_nll` of rows[author][b] = (messages, response), in
+    chunks of eval.nll_batch problems."""
+    return scoring.text_nll(pop, rows, cfg=self.cfg, tokenizer=self.tokenizer,
+                            pad_id=self.gen.pad_id, max_len=self.plan.finetune.sft.seq_len,
+                            chunk=self.plan.eval.nll_batch,
+                            ce_chunk=self.plan.finetune.sft.hyper.ce_chunk, mesh=self.mesh,
+                            spmd_axis_name=AGENT_AXIS)
+
+
+# ----------------------------------------------------------------------------- records
+
+def write_debate(path: str, problems: Sequence[Problem], d: debates.Debate) -> None:
+  files.write_json(path, {"problem_ids": [p.id for p in problems], "texts": d.texts,
+                          "keys": d.keys, "messages": d.messages, "finishes": d.finishes,
+                          **({"rationales": d.rationales} if d.rationales is not None else {})})
+
+
+def read_debate(path: str) -> tuple[list[str], debates.Debate]:
+  raw = files.read_json(path)
+  try:
+    return raw["problem_ids"], debates.Debate(
+        texts=raw["texts"], keys=raw["keys"], messages=raw["messages"],
+        finishes=raw["finishes"], rationales=raw.get("rationales"))
+  except (KeyError, TypeError) as e:
+    raise files.FileError(f"{path}: not a debate record (no {e})") from None
+
+
+def read_rows(select_dir: str, agent: int) -> list[dict]:
+  return [r for _, r in files.read_jsonl(os.path.join(select_dir, f"agent_{agent}.jsonl"))]
+
+
+# ----------------------------------------------------------------------------- stages
+
+def run_debate(env: Env, pop: Params, problems: Sequence[Problem], *, rounds: int,
+               options: generation.Options, seed: int) -> debates.Debate:
+  """A debate of the population's generators and critics (`debate.run`)."""
+  a = env.plan.agents
+  return debates.run(env.gen, env.task, problems, generators=a.generators_of(pop),
+                     critics=a.critics_of(pop), rounds=rounds, options=options, seed=seed,
+                     summarize=env.plan.debate.summarize)
+
+
+def debate(env: Env, k: int, pop: Params, out: str) -> dict:
+  """The training debate of iteration k (STaR: with its rationalisations)."""
+  p = env.plan
+  problems = env.problems("train")
+  seed = stage_seed(p.seed, k, "debate")
+  d = run_debate(env, pop, problems, rounds=p.debate.rounds, options=p.debate.options, seed=seed)
+  if p.selection.mode == "star":  # rationalise the failures, with the answer as a hint
+    N = p.agents.generators
+    correct = np.asarray(env.task.is_correct_many(
+        [t for slot in d.texts[0] for t in slot], list(problems) * N), bool).reshape(N, -1)
+    d = debates.rationalize(env.gen, env.task, problems, d,
+                            generators=p.agents.generators_of(pop), failed_NxB=~correct,
+                            options=p.debate.options, seed=seed)
+  if distributed.is_primary():
+    write_debate(os.path.join(out, "debate.json"), problems, d)
+  return {"problems": len(problems), "responses": sum(len(s) for r in d.texts for s in r)}
+
+
+def select(env: Env, k: int, pop: Params | None, out: str) -> dict:
+  """Each agent's rows from iteration k's debate (`selection.select`); `pop`
+  (cross_agent only) scores them."""
+  p = env.plan
+  ids, d = read_debate(os.path.join(env.stage_dir(k, "debate"), "debate.json"))
+  by_id = {q.id: q for q in env.problems("train")}
+  problems = [by_id[i] for i in ids]
+  sel = selection.select(d, problems, env.task, p.selection, critics=p.agents.critics,
+                         tokenizer=env.tokenizer,
+                         key=jax.random.key(stage_seed(p.seed, k, "select")),
+                         score=lambda rows: env.row_nll(pop, rows))
+  if distributed.is_primary():
+    files.write_json(os.path.join(out, "consensus.json"), sel.decided)
+    for a, agent_rows in enumerate(sel.rows):
+      files.write_jsonl(os.path.join(out, f"agent_{a}.jsonl"), agent_rows)
+  return sel.summary
+
+
+def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[dict, Params]:
+  """Every agent trained on its rows of iteration k (finetune.init=base: from
+  the base, on its rows of iterations 1..k); returns the new population."""
+  p = env.plan
+  iters = range(1, k + 1) if p.finetune.init == "base" else range(k, k + 1)
+  rows = [[] for _ in range(p.num_agents)]
+  for i in iters:
+    for a in range(p.num_agents):
+      rows[a] += read_rows(env.stage_dir(i, "select"), a)
+  if p.agents.shared:  # one model trains on every slot's rows; all slots stay copies of it
+    rows = [[r for agent_rows in rows for r in agent_rows]]
+    pop = jax.tree.map(lambda x: x[:1], pop)
+  examples = [sft.tokenize_rows(r, env.tokenizer, where=lambda i, a=a: f"agent {a} row {i}")
+              for a, r in enumerate(rows)]
+  settings = dataclasses.replace(p.finetune.sft, seed=stage_seed(p.seed, k, "finetune"))
+  state_dir = os.path.join(env.workdir, f"iter_{k:02d}", "finetune_state")
+  result = sft.run(pop, examples, cfg=env.cfg, settings=settings, pad_id=env.gen.pad_id,
+                   workdir=state_dir, run_id={"iteration": k}, progress=env.progress,
+                   log=env.log, spmd_axis_name=AGENT_AXIS, mesh=env.mesh)
+  del pop
+  params = result.params
+  if p.agents.shared:  # copies of the one trained model, on the mesh by the rule table
+    layout = sharding.shardings(population.axes(env.cfg),
+                                population.shapes(env.cfg, p.num_agents), env.mesh)
+    params = jax.jit(lambda one: population.replicate(population.select(one, 0), p.num_agents),
+                     out_shardings=layout)(params)
+  checkpoint.save_population(os.path.join(out, "population"), params, cfg=env.cfg,
+                             hf_config=env.base.hf_config, source_dtype=env.base.source_dtype,
+                             tokenizer_from=env.base.tokenizer_dir)
+  if distributed.is_primary():
+    shutil.rmtree(state_dir, ignore_errors=True)  # the population is in `out` now
+  return {"examples": result.examples, "steps": result.steps, "final_loss": result.final_loss,
+          "tokens": result.tokens}, params
+
+
+def eval_debate(env: Env, pop: Params, *, seed: int
+                ) -> tuple[dict, debates.Debate, list[Problem]]:
+  """Debate on the held-out problems and its metrics (also `launch.evaluate`)."""
+  p = env.plan
+  problems = env.problems("test")
+  with sharding.use_mesh(env.mesh):
+    d = run_debate(env, pop, problems, rounds=p.eval.rounds, options=p.eval.options, seed=seed)
+    result = metrics.evaluate(d, env.task, problems, jax.random.key(seed))
+    result["problems"] = len(problems)
+    if p.eval.cross_nll:
+      # Authors: generators' round-1 responses, critics' last-round responses.
+      N, K = p.agents.generators, min(p.eval.nll_problems or len(problems), len(problems))
+      authors = [(0, n) for n in range(N)] + [(-1, n) for n in range(N) if p.agents.critics]
+      rows = [[(d.messages[r][n][b], d.texts[r][n][b]) for b in range(K)] for r, n in authors]
+      sums, counts = env.row_nll(pop, rows)
+      result["cross_nll"] = (sums.sum(-1) / np.maximum(counts.sum(-1), 1)).tolist()
+      result["cross_nll_problems"] = K
+  return result, d, problems
+
+
+def evaluate(env: Env, k: int, pop: Params, out: str) -> dict:
+  """The held-out evaluation of the population after iteration k."""
+  result, d, problems = eval_debate(env, pop, seed=eval_seed(env.plan.seed))
+  if distributed.is_primary():
+    write_debate(os.path.join(out, "debate.json"), problems, d)
+  return result

@@ -24,6 +24,8 @@ import shutil
 
 from absl import app, flags
 
+from maft_jax import files
+
 
 class ConvertError(ValueError):
   pass
@@ -82,10 +84,10 @@ def convert(source: str, out_dir: str) -> str:
   shutil.rmtree(partial, ignore_errors=True)  # a killed conversion's leftovers
   model.save_pretrained(partial, safe_serialization=True)
   tokenizer.save_pretrained(partial)
-  with open(os.path.join(partial, "gguf_source.json"), "w") as f:
-    json.dump({"gguf": name, "package_version": package_version(source),
-               "transformers": tf.__version__}, f, indent=1)
-  os.replace(partial, out_dir)
+  files.write_json(os.path.join(partial, "gguf_source.json"),
+                   {"gguf": name, "package_version": package_version(source),
+                    "transformers": tf.__version__})
+  files.commit_dir(partial, out_dir)
   return out_dir
 
 

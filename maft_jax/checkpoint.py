@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from maft_jax import distributed, hf, population, sharding
+from maft_jax import distributed, files, hf, population, sharding
 from maft_jax.model import ModelConfig, Params
 
 FORMAT = "maft_jax.population"
@@ -61,13 +61,10 @@ def save_population(path: str, pop: Params, *, cfg: ModelConfig, hf_config: dict
   if distributed.is_primary():
     meta = {"format": FORMAT, "version": VERSION, "num_agents": population.num_agents(pop),
             "model_config": cfg.to_dict(), "hf_config": hf_config, "source_dtype": source_dtype}
-    with open(os.path.join(partial, "maft.json"), "w") as f:
-      json.dump(meta, f, indent=2)
+    files.write_json(os.path.join(partial, "maft.json"), meta, indent=2)
     if tokenizer_from is not None:
       hf.copy_tokenizer_files(tokenizer_from, tokenizer_dir(partial))
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(partial, path)
+    files.commit_dir(partial, path)
   distributed.barrier(f"save_population end {path}")
   return path
 

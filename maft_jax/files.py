@@ -10,10 +10,12 @@ path (and the line of a JSONL file).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class FileError(ValueError):
@@ -28,14 +30,28 @@ def _sync_dir(path: str) -> None:
     os.close(fd)
 
 
-def write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[BinaryIO]:
+  """A binary file to write `path` through: it replaces `path` when the
+  block ends without an error (flushed and fsynced first), and is removed
+  otherwise."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   _sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with atomic(path) as f:
+    f.write(data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -43,6 +59,7 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj: Any, *, indent: int | None = 1) -> None:
+  """`obj` as JSON, ending with a newline."""
   write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
@@ -51,10 +68,17 @@ def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def commit_dir(partial: str, final: str) -> None:
-  """Rename the finished directory `partial` to `final` (which must not exist)."""
+  """Rename the finished directory `partial` to `final`. An older `final`
+  is moved aside to `final.old` first and removed last, so at every moment
+  one of the two is whole under its name."""
   _sync_dir(partial)
+  old = final + ".old"
+  shutil.rmtree(old, ignore_errors=True)
+  if os.path.exists(final):
+    os.replace(final, old)
   os.replace(partial, final)
   _sync_dir(os.path.dirname(os.path.abspath(final)))
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str) -> Any:

@@ -112,14 +112,15 @@ def base_source(plan: Plan, workdir: str, *, log: Callable[[str], None] = loggin
   built first, by the primary, into `<workdir>/<source>_base`."""
   m = plan.model
   if m.source in source.KINDS:
-    return source.describe(m.source, m.path, dtype=m.dtype, remat=m.remat)
+    return source.describe(m.source, m.path, dtype=m.dtype, param_dtype="float32",
+                           remat=m.remat)
   build = lambda: builders.get(m.source).build(  # noqa: E731
       os.path.join(workdir, f"{m.source}_base"), m.demo_preset, task_options=plan.task.options,
       log=log, progress=progress)
   path = build() if distributed.is_primary() else None
   distributed.barrier(f"{m.source}_base")
   path = path or build()  # other processes find it built: a read
-  return source.describe("hf", path, dtype=m.dtype, remat=m.remat)
+  return source.describe("hf", path, dtype=m.dtype, param_dtype="float32", remat=m.remat)
 
 
 class Run:
@@ -162,7 +163,7 @@ class Run:
       return env.load_base()
     m = self.plan.model
     src = source.describe("checkpoint", self.population_path(iteration), dtype=m.dtype,
-                          remat=m.remat)
+                          param_dtype="float32", remat=m.remat)
     return source.load(src, self.plan.num_agents, env.mesh)
 
   def run(self) -> list[dict]:
@@ -189,6 +190,8 @@ class Run:
           (summary, pop), have = summary, k
         seconds = time.perf_counter() - start
         stage.commit({**summary, "seconds": seconds})
+        if spec.name == "finetune" and distributed.is_primary():  # the population is committed
+          shutil.rmtree(stages.finetune_state_dir(self.workdir, k), ignore_errors=True)
         self._publish()
         self.log(f"iteration {k}/{p.iterations}: {spec.name} done in {seconds:.1f}s")
         if spec.name == "eval":

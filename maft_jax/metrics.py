@@ -21,8 +21,8 @@ over the n problems scored (per agent for the per-agent lists).
 round1_mean_accuracy (the generators' mean) has the standard error of a mean
 over problems of their per-problem mean correctness (`mean_with_error`).
 
-The cross-agent NLL matrix (`scoring.cross_nll`) needs the model and is
-computed by the loop beside these.
+The cross-agent NLL matrix (`scoring.text_nll`) needs the model and is
+computed by the eval stage beside these (`stages.eval_debate`).
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from maft_jax import files
 
 REPORT = "report.md"
 ACCURACY_PLOT = "accuracy.png"
@@ -422,21 +423,6 @@ def render(run: Run, baselines: Mapping[str, Run] = {}) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _replace_into(path: str, write_tmp: Callable[[str], None]) -> None:
-  """Write via a temporary file beside `path`, then rename over it (a reader
-  never sees a half-written report)."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
-                             suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write_tmp(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _figure(nrows: int, ncols: int, size: tuple[float, float]):
   """A Figure on the Agg canvas: no pyplot, so no global backend switch."""
   try:
@@ -514,7 +500,8 @@ def plot_accuracy(run: Run, path: str, baselines: Mapping[str, Run] = {}) -> Non
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7, loc="best")
-  _replace_into(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+  with files.atomic(path) as f:
+    fig.savefig(f, format="png", dpi=110)
 
 
 def plot_diversity(run: Run, path: str) -> None:
@@ -530,7 +517,8 @@ def plot_diversity(run: Run, path: str) -> None:
     _integer_x(ax)
     ax.grid(alpha=0.3)
   fig.suptitle(f"{run.name}: diversity")
-  _replace_into(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+  with files.atomic(path) as f:
+    fig.savefig(f, format="png", dpi=110)
 
 
 # ---------------------------------------------------------------- entry points
@@ -560,10 +548,7 @@ def write(workdir: str, *, baselines: Mapping[str, str] = {}, out_dir: str | Non
   paths = [os.path.join(out_dir, name) for name in (REPORT, ACCURACY_PLOT, DIVERSITY_PLOT)]
   text = render(run, others)
 
-  def write_text(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  _replace_into(paths[0], write_text)
+  files.write_text(paths[0], text)
   plot_accuracy(run, paths[1], others)
   plot_diversity(run, paths[2])
   return paths
@@ -594,8 +579,8 @@ def scalars(records: Iterable[dict]) -> list[tuple[str, float, int]]:
 def _remove_event_files(logdir: str) -> None:
   """Delete TensorBoard event files (and directories left empty) under logdir;
   anything else is left alone."""
-  for root, _, files in os.walk(logdir, topdown=False):
-    for name in files:
+  for root, _, names in os.walk(logdir, topdown=False):
+    for name in names:
       if name.startswith("events.out.tfevents."):
         os.remove(os.path.join(root, name))
     if root != logdir and not os.listdir(root):

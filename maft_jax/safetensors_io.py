@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import ml_dtypes
 import numpy as np
 
+from maft_jax import files
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -93,10 +95,8 @@ def write(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, s
     arrays.append(a)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with files.atomic(path) as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for a in arrays:
       f.write(a.reshape(-1).view(np.uint8).data)
-  os.replace(tmp, path)

@@ -156,15 +156,15 @@ def from_flags(*, temperature: float, top_k: int = 0, top_p: float = 1.0,
   """The method a command line asks for; temperature 0 is greedy, and top_k
   0, top_p 1 and min_p 0 are off. Any other value makes its step, which
   checks it (one rule per setting)."""
-  if temperature == 0:
-    return Greedy()
-  steps = [Temperature(temperature)]
+  steps = [Temperature(temperature)] if temperature != 0 else []
   if top_k != 0:
     steps.append(TopK(top_k))
   if top_p != 1.0:
     steps.append(TopP(top_p))
   if min_p != 0.0:
     steps.append(MinP(min_p))
+  if temperature == 0:  # the other steps were built to check them: greedy ignores them
+    return Greedy()
   return steps[0] if len(steps) == 1 else Chain(tuple(steps))
 
 

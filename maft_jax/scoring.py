@@ -9,7 +9,8 @@ jitted function of integer id arrays:
     agreement(ids_xB, target_B)        -> bool[..., B]
     paper_selection(...)               -> D^G, D^C-, D^C+ masks   bool[N, B]
     cross_agent_weights(...)           -> f32[A, A', B] training weights
-    cross_nll(pop, batches)            -> f32[A_scorer, A_author]
+    row_nll(pop, batches)              -> NLL sums, counts [A_scorer, A_author, b]
+    text_nll(pop, rows, ...)           -> the same of (messages, response) rows, chunked
 
 Ties are broken by a seeded random choice among the tied answers (random
 priorities drawn from `key`), never by answer order.

@@ -79,7 +79,7 @@ def select(d: debate.Debate, problems: Sequence[Problem], task: Task, settings: 
   `critics`: the last round's slots are critic agents, which train too
   (False for the no-critic ablation and STaR). `score(rows)`: cross_agent's
   NLL of every agent on rows[author][b] = (messages, response), as sums and
-  token counts [A, authors, b] (`scoring.row_nll_texts`).
+  token counts [A, authors, b] (`scoring.text_nll`).
   """
   N, B, M = len(d.texts[0]), len(problems), d.num_rounds
   last = M - 1

@@ -47,18 +47,21 @@ class Source:
     return tok
 
 
-def describe(kind: str, path: str, *, dtype: str = "bfloat16", param_dtype: str = "float32",
-             remat: str = "none") -> Source:
-  """The source at `path`, from its config files (weights are not read)."""
+def describe(kind: str, path: str, *, dtype: str = "bfloat16", param_dtype: str | None = None,
+             remat: str | None = None) -> Source:
+  """The source at `path`, from its config files (weights are not read).
+  `param_dtype` and `remat` default to a checkpoint's own (a HF directory:
+  float32 and none)."""
   if kind == "hf":
     hf_config = hf.read_config(path)
-    cfg = hf.config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                            where=f"{path}/config.json")
+    cfg = hf.config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype or "float32",
+                            remat=remat or "none", where=f"{path}/config.json")
     tensors, _ = hf.read_tensors(path)  # memory maps: the dtypes, no data
     return Source(kind, path, cfg, hf_config, hf.tensors_dtype(tensors), 1, path)
   if kind == "checkpoint":
     meta = checkpoint.read_meta(path)
-    cfg = dataclasses.replace(meta.cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = dataclasses.replace(meta.cfg, dtype=dtype, param_dtype=param_dtype or meta.cfg.param_dtype,
+                              remat=remat or meta.cfg.remat)
     return Source(kind, path, cfg, meta.hf_config, meta.source_dtype, meta.num_agents,
                   checkpoint.tokenizer_dir(path))
   raise SourceError(f"{path}: source kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -81,6 +84,10 @@ def load(src: Source, agents: int | None = None, mesh: jax.sharding.Mesh | None 
   if src.agents > 1 and want > src.agents:
     raise SourceError(f"{src.path}: the checkpoint has {src.agents} agents; {want} asked for "
                       f"(a checkpoint of 1 agent is copied)")
+  if src.agents > 1 and want < src.agents and mesh is not None:
+    # The subset would be read whole onto one device first: not for a mesh.
+    raise SourceError(f"{src.path}: the checkpoint has {src.agents} agents; a mesh takes all "
+                      f"of them ({want} asked for)")
   if src.kind == "hf":
     m = hf.load(src.path, dtype=src.cfg.dtype, param_dtype=src.cfg.param_dtype,
                 remat=src.cfg.remat)
@@ -91,11 +98,5 @@ def load(src: Source, agents: int | None = None, mesh: jax.sharding.Mesh | None 
     one = jax.tree.map(np.asarray, population.select(pop, 0))
     del pop
     return _copies(one, want, src.cfg, mesh)
-  pop, _ = checkpoint.load_population(src.path, mesh=mesh if want == src.agents else None,
-                                      **overrides)
-  if want < src.agents:
-    pop = jax.tree.map(lambda x: x[:want], pop)
-    if mesh is not None:
-      pop = jax.device_put(pop, sharding.shardings(population.axes(src.cfg),
-                                                   population.shapes(src.cfg, want), mesh))
-  return pop
+  pop, _ = checkpoint.load_population(src.path, mesh=mesh, **overrides)
+  return jax.tree.map(lambda x: x[:want], pop) if want < src.agents else pop

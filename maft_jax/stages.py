@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 
 import jax
@@ -125,6 +124,12 @@ def read_rows(select_dir: str, agent: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- stages
 
+def finetune_state_dir(workdir: str, k: int) -> str:
+  """Iteration k's training checkpoints while its finetune stage runs (the
+  driver removes them once the stage is committed)."""
+  return os.path.join(workdir, f"iter_{k:02d}", "finetune_state")
+
+
 def run_debate(env: Env, pop: Params, problems: Sequence[Problem], *, rounds: int,
                options: generation.Options, seed: int) -> debates.Debate:
   """A debate of the population's generators and critics (`debate.run`)."""
@@ -185,7 +190,7 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[dict, Params]:
   examples = [sft.tokenize_rows(r, env.tokenizer, where=lambda i, a=a: f"agent {a} row {i}")
               for a, r in enumerate(rows)]
   settings = dataclasses.replace(p.finetune.sft, seed=stage_seed(p.seed, k, "finetune"))
-  state_dir = os.path.join(env.workdir, f"iter_{k:02d}", "finetune_state")
+  state_dir = finetune_state_dir(env.workdir, k)
   result = sft.run(pop, examples, cfg=env.cfg, settings=settings, pad_id=env.gen.pad_id,
                    workdir=state_dir, run_id={"iteration": k}, progress=env.progress,
                    log=env.log, spmd_axis_name=AGENT_AXIS, mesh=env.mesh)
@@ -199,8 +204,6 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[dict, Params]:
   checkpoint.save_population(os.path.join(out, "population"), params, cfg=env.cfg,
                              hf_config=env.base.hf_config, source_dtype=env.base.source_dtype,
                              tokenizer_from=env.base.tokenizer_dir)
-  if distributed.is_primary():
-    shutil.rmtree(state_dir, ignore_errors=True)  # the population is in `out` now
   return {"examples": result.examples, "steps": result.steps, "final_loss": result.final_loss,
           "tokens": result.tokens}, params
 

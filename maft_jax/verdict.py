@@ -11,7 +11,7 @@ they found their classes themselves), takes the seeded majority of the
 voting round (`scoring.consensus`), and marks the answers of every round in
 the majority's class: so an answer that first appears in the last round has
 a class of its own, and round-1 answers are compared with it in the relation
-grading uses. Selection (`loop.select`) and evaluation (`metrics.evaluate`)
+grading uses. Selection (`selection.select`) and evaluation (`metrics.evaluate`)
 both decide through this module, so what a debate is said to have concluded
 is the same in training and in the records.
 

@@ -29,6 +29,8 @@ def _config(**groups):
     (dict(model=dict(source="hf")), "config.model.path=None"),
     (dict(model=dict(source="hf", path="/nonexistent")), "no config.json there"),
     (dict(eval=dict(temperature=-1.0)), "config.eval.temperature=-1.0"),
+    # Greedy ignores the other sampling fields, but a bad one is still refused.
+    (dict(eval=dict(temperature=0.0, top_p=0.0)), "config.eval.top_p=0.0"),
     (dict(agents=dict(generators=0)), "config.agents.generators=0: must be >= 1"),
     (dict(mesh=dict(agent=0)), "config.mesh.agent=0"),
     # The tests see one CPU device (or 8 fake ones): 3 never divides either.

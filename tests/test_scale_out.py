@@ -213,11 +213,13 @@ def test_one_agent_checkpoint_base_is_copied_onto_the_mesh(hf_models, tmp_path):
                              hf_config=src.hf_config, source_dtype="float32")
   src3 = source.describe("checkpoint", three, dtype="float32")
   first, _ = checkpoint.load_population(three)
-  got = source.load(src3, 2, mesh)
-  _follows_rules(got, population.axes(src.cfg), mesh)
+  got = source.load(src3, 2)  # its first agents (launch.sample --agents)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[:2]), got, first)
+  _follows_rules(source.load(src3, 3, mesh), population.axes(src.cfg), mesh)
   with pytest.raises(source.SourceError, match="the checkpoint has 3 agents; 4 asked for"):
     source.load(src3, 4)
+  with pytest.raises(source.SourceError, match="a mesh takes all of them"):
+    source.load(src3, 2, mesh)
 
 
 def test_train_step_on_meshes_matches_one_device(pop):

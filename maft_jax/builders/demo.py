@@ -62,7 +62,7 @@ import numpy as np
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from maft_jax import checks, data, finetune, hf, model, population, sft
+from maft_jax import checks, data, files, finetune, hf, model, population, sft
 from maft_jax.tasks import arithmetic, prompts
 from maft_jax.tokenizer import Tokenizer
 
@@ -342,21 +342,10 @@ def build_base(out_dir: str, s: DemoSettings, *, task_options: dict,
               seq_len=seq_len, longest_row=max(lengths),
               seconds={"data": round(t_data, 2), "train": round(result.seconds, 2),
                        "total": round(time.perf_counter() - t0, 2)})
-  with open(os.path.join(partial, INFO_FILE), "w") as f:
-    json.dump(info, f, indent=2)
-  _replace(partial, out_dir)
+  files.write_json(os.path.join(partial, INFO_FILE), info, indent=2)
+  files.commit_dir(partial, out_dir)
   log(f"demo base: built {out_dir} in {time.perf_counter() - t0:.1f}s")
   return out_dir
-
-
-def _replace(src: str, dst: str):
-  """Move the finished `src` into place at `dst`, removing an older `dst`."""
-  old = dst + ".old"
-  shutil.rmtree(old, ignore_errors=True)
-  if os.path.exists(dst):
-    os.rename(dst, old)
-  os.rename(src, dst)
-  shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- builder

@@ -30,7 +30,8 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from maft_jax import builders, checks, files, finetune, generation, lora, sampling, selection, sft, sharding
+from maft_jax import (builders, checks, files, finetune, generation, lora, sampling, selection,
+                      sft, sharding)
 
 # A HF directory, a population checkpoint, or a base the run builds (maft_jax.builders).
 MODEL_SOURCES = ("hf", "checkpoint", *builders.BUILDERS)
@@ -309,7 +310,7 @@ def _lora(c: Mapping[str, Any]) -> lora.LoraConfig | None:
                 targets=targets)
 
 
-def _check_model_files(c: Mapping[str, Any]) -> None:
+def _check_model_files(c: Mapping[str, Any], num_agents: int) -> None:
   m = c["model"]
   if m["source"] in ("hf", "checkpoint"):
     _check(c, bool(m["path"]), "model.path",
@@ -320,9 +321,8 @@ def _check_model_files(c: Mapping[str, Any]) -> None:
            f"no {marker} there (model.source={m['source']!r})")
   if m["source"] == "checkpoint":
     stored = files.read_json(os.path.join(m["path"], "maft.json")).get("num_agents")
-    wanted = c["agents"]["generators"] * (2 if c["agents"]["critics"] else 1)
-    _check(c, stored in (1, wanted), "model.path",
-           f"the checkpoint has {stored} agents; this config needs 1 (copied) or {wanted}")
+    _check(c, stored in (1, num_agents), "model.path",
+           f"the checkpoint has {stored} agents; this config needs 1 (copied) or {num_agents}")
 
 
 def _check_task(c: Mapping[str, Any]) -> None:
@@ -366,7 +366,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Plan:
   # Rules across groups, files, devices.
   if m["source"] in builders.BUILDERS:  # the builder knows its presets
     _build(c, "model", builders.get(m["source"]).architecture, preset=m["demo_preset"])
-  _check_model_files(c)
+  _check_model_files(c, groups["agents"].num_agents)
   _check_task(c)
   if s["mode"] == "star":
     _check(c, not a["critics"], "selection.mode",

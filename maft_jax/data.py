@@ -64,13 +64,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+
+from maft_jax import files
 
 STATE_FORMAT = "maft_jax.data.iterator"
 STATE_VERSION = 2  # 2: shards are slot ranges of a global stream
@@ -321,21 +321,8 @@ class DataIterator:
 
 
 def save_state(path: str, state: Mapping[str, Any]) -> None:
-  """Writes `state` as JSON to `path`, atomically (temporary file + os.replace)."""
-  path = os.path.abspath(path)
-  text = json.dumps(state, indent=1, sort_keys=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Writes `state` as JSON to `path`, atomically (`files.write_text`)."""
+  files.write_text(path, json.dumps(state, indent=1, sort_keys=True))
 
 
 def load_state(path: str) -> dict[str, Any]:

@@ -82,7 +82,7 @@ class Stage:
   the primary alone, or collectively (checkpoints)."""
 
   def __init__(self, workdir: str, iteration: int, name: str):
-    self.dir = os.path.join(workdir, f"iter_{iteration:02d}", name)
+    self.dir = stages.stage_dir(workdir, iteration, name)
     self.partial = self.dir + ".partial"
 
   @property

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maft_jax import checkpoint, hf, population, sharding
@@ -60,7 +61,8 @@ def describe(kind: str, path: str, *, dtype: str = "bfloat16", param_dtype: str 
     return Source(kind, path, cfg, hf_config, hf.tensors_dtype(tensors), 1, path)
   if kind == "checkpoint":
     meta = checkpoint.read_meta(path)
-    cfg = dataclasses.replace(meta.cfg, dtype=dtype, param_dtype=param_dtype or meta.cfg.param_dtype,
+    cfg = dataclasses.replace(meta.cfg, dtype=dtype,
+                              param_dtype=param_dtype or meta.cfg.param_dtype,
                               remat=remat or meta.cfg.remat)
     return Source(kind, path, cfg, meta.hf_config, meta.source_dtype, meta.num_agents,
                   checkpoint.tokenizer_dir(path))
@@ -72,7 +74,7 @@ def _copies(params: Params, num: int, cfg: ModelConfig, mesh) -> Params:
   its shard of a broadcast view; without one, whole on the default device."""
   def one(x, axes):
     full = np.broadcast_to(np.asarray(x)[None], (num,) + tuple(x.shape))  # a view
-    return sharding.host_to_global(full, axes, mesh) if mesh is not None else jax.numpy.asarray(full)
+    return sharding.host_to_global(full, axes, mesh) if mesh is not None else jnp.asarray(full)
   return jax.tree.map(one, params, population.axes(cfg))
 
 

@@ -84,7 +84,7 @@ class Env:
     return self._split.train if split == "train" else self._split.test
 
   def stage_dir(self, iteration: int, name: str) -> str:
-    return os.path.join(self.workdir, f"iter_{iteration:02d}", name)
+    return stage_dir(self.workdir, iteration, name)
 
   def load_base(self) -> Params:
     """The base population: A copies of the base (or a checkpoint's A agents) on the mesh."""
@@ -124,10 +124,15 @@ def read_rows(select_dir: str, agent: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- stages
 
+def stage_dir(workdir: str, iteration: int, name: str) -> str:
+  """`<workdir>/iter_KK/<name>`: a stage's directory (and its neighbours)."""
+  return os.path.join(workdir, f"iter_{iteration:02d}", name)
+
+
 def finetune_state_dir(workdir: str, k: int) -> str:
   """Iteration k's training checkpoints while its finetune stage runs (the
   driver removes them once the stage is committed)."""
-  return os.path.join(workdir, f"iter_{k:02d}", "finetune_state")
+  return stage_dir(workdir, k, "finetune_state")
 
 
 def run_debate(env: Env, pop: Params, problems: Sequence[Problem], *, rounds: int,
@@ -194,7 +199,6 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[dict, Params]:
   result = sft.run(pop, examples, cfg=env.cfg, settings=settings, pad_id=env.gen.pad_id,
                    workdir=state_dir, run_id={"iteration": k}, progress=env.progress,
                    log=env.log, spmd_axis_name=AGENT_AXIS, mesh=env.mesh)
-  del pop
   params = result.params
   if p.agents.shared:  # copies of the one trained model, on the mesh by the rule table
     layout = sharding.shardings(population.axes(env.cfg),

@@ -45,7 +45,8 @@ def test_validate_names_the_field(groups, field):
 def test_validate_unknown_field_and_defaults():
   with pytest.raises(config.ConfigError, match=r"config\.debate\.roundz: unknown field"):
     config.validate({"model": {"source": "demo"}, "debate": {"roundz": 2}})
-  with pytest.raises(config.ConfigError, match=r"config\.finetune\.epochs=1\.5: must be an integer"):
+  with pytest.raises(config.ConfigError,
+                     match=r"config\.finetune\.epochs=1\.5: must be an integer"):
     config.validate({"model": {"source": "demo"}, "finetune": {"epochs": 1.5}})
   plan = config.validate({"model": {"source": "demo"}, "agents": {"generators": 5}})
   assert plan.num_agents == 10 and plan.debate.rounds == 2

@@ -12,9 +12,9 @@ bandwidth, bf16 matmul rate) and prints, per A: generated tok/s, the fraction
 of the roofline (parameter and live-KV bytes every decode step must read over
 the measured bandwidth, plus prefill FLOPs over the measured matmul rate),
 and the ratio of the vmapped population against the same agents sampled one
-after another. `--peer` also runs ../shared/bench/hf_generate_peer.py (HF
-transformers `generate`, one model per agent) in the same command and prints
-our ratio against it.
+after another. `--peer` also runs benchmarks/peers/hf_generate_peer.py (HF
+transformers `generate`, one model per agent; PyTorch on the card) in the same
+command and prints our ratio against it.
 
 `--what=train` runs the reference training workload: Qwen2-0.5B architecture,
 16 sequences of 1024 tokens per agent per step, bf16 compute, fp32 master
@@ -25,7 +25,12 @@ a 7-8B model on one card. It prints trained tok/s, MFU
 (6·P·tokens over the card's dense bf16 peak: --peak_tflops, default the
 datasheet value for H100/H200, else the matmul rate measured in the run), the
 vmapped-vs-sequential ratio and peak device memory; `--peer` also runs
-../shared/bench/hf_train_peer.py --compile in the same command.
+benchmarks/peers/hf_train_peer.py --compile (the file beside --peer_script)
+in the same command.
+
+The peers are separate PyTorch + transformers programs (see
+benchmarks/peers/README.md), run as subprocesses with this interpreter; they
+need torch and transformers, which the library itself never imports.
 
 `--tiny` is a CPU-sized version of all of it.
 """
@@ -56,7 +61,8 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Train: dense bf16 peak of the c
 _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized workload.")
 _LORA_ONLY = flags.DEFINE_bool("lora_only", False, "Train: only the LoRA rows, for every "
                                "--agents count (e.g. 8 agents of --arch=llama-3-8b on one card).")
-_PEER = flags.DEFINE_bool("peer", False, "Also run the HF peer in this command.")
+_PEER = flags.DEFINE_bool("peer", False, "Also run the HF peer (benchmarks/peers/) in this "
+                          "command: hf_generate_peer.py for sample, hf_train_peer.py for train.")
 _AGENTS = flags.DEFINE_list("agents", None, "Agent counts (default 1,2,4,8; tiny 1,2).")
 _ARCH = flags.DEFINE_string("arch", "qwen2-0.5b", "Preset architecture.")
 _BATCH = flags.DEFINE_integer("batch", None, "Prompts per agent (default 64; tiny 4).")
@@ -66,9 +72,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
 _DUMP_HLO = flags.DEFINE_string(
     "dump_hlo", None, "Write the compiled (optimised) HLO of the A=4 decode loop (sample) or "
     "train step (train) here, gzipped: what the card's compiler made of it, to read offline.")
+PEERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "peers")
 _PEER_SCRIPT = flags.DEFINE_string(
-    "peer_script", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench",
-                                "hf_generate_peer.py"), "The HF generate peer.")
+    "peer_script", os.path.normpath(os.path.join(PEERS_DIR, "hf_generate_peer.py")),
+    "The HF generate peer (default: benchmarks/peers/ in this repository); --what=train runs "
+    "hf_train_peer.py from the same directory.")
 
 TINY_CFG = model.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4,
                              num_heads=4, num_kv_heads=2, head_dim=16, dtype="bfloat16",

@@ -8,6 +8,8 @@
 # sequential, vs HF generate); `train`: --what=train --peer (MFU, vs
 # sequential, LoRA rows, vs the compiled PyTorch peer); `lora8b`: LoRA rank 16
 # for 8 agents of a Llama-3-8B-shaped model on one card (memory and tok/s).
+# The peers are benchmarks/peers/hf_{generate,train}_peer.py, run with $PY:
+# it needs a CUDA torch and transformers for them (benchmarks/peers/README.md).
 # Wheels staged in .whl (../shared/bin/stage-wheels) are installed first.
 # Full logs go to $OUT (default /tmp/device_bench), with the card's compiled
 # HLO of the decode loop and train step (gzipped, to check offline for copies

@@ -83,9 +83,10 @@ def read_meta(path: str) -> PopulationMeta:
                         hf_config=meta["hf_config"], source_dtype=meta["source_dtype"])
 
 
-def load_population(path: str, *, mesh: jax.sharding.Mesh | None = None,
-                    rules=sharding.DEFAULT_RULES, **cfg_overrides) -> tuple[Params, PopulationMeta]:
-  """Restore the population, sharded by the rule table when `mesh` is given.
+def load_population(path: str, *, placement: sharding.Placement = sharding.LOCAL,
+                    **cfg_overrides) -> tuple[Params, PopulationMeta]:
+  """Restore the population, sharded by the rule table on `placement`'s mesh
+  (without one: on this process's first device).
 
   `cfg_overrides` replace runtime fields of the stored ModelConfig (dtype,
   remat, param_dtype: parameters are cast on restore).
@@ -95,11 +96,11 @@ def load_population(path: str, *, mesh: jax.sharding.Mesh | None = None,
   cfg = dataclasses.replace(meta.cfg, **cfg_overrides)
   meta = dataclasses.replace(meta, cfg=cfg)
   abstract = population.shapes(cfg, meta.num_agents)
-  if mesh is None:
+  if placement.mesh is None:
     shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard), abstract)
   else:
-    shards = sharding.shardings(population.axes(cfg), abstract, mesh, rules)
+    shards = placement.shardings(population.axes(cfg), abstract)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           abstract, shards)
   pop = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)

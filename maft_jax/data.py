@@ -1,34 +1,31 @@
-"""Deterministic, checkpointable input pipelines (grain).
+"""A deterministic, checkpointable SFT input pipeline (grain).
 
-Two pipelines, one iterator type:
-
-    problem_batches(records, batch_size=B, seed=S)  ->  Batch(records, valid, indices, epoch)
     sft_batches(examples, batch_size=B, seq_len=T, seed=S, pad_id=P)
         ->  {"tokens_BxT", "loss_mask_BxT", "segment_ids_BxT", "positions_BxT"}
 
-Every batch of a pipeline has the same shape, so a jitted step compiles once.
+Every batch has the same shape, so a jitted step compiles once.
 
-**Order.** Epoch `e` visits the records in a permutation that depends only on
+**Order.** Epoch `e` visits the examples in a permutation that depends only on
 `(seed, e)` (see `epoch_order`), so it differs from epoch to epoch and is the
 same in every process, run, machine and NumPy version. (grain's
 `MapDataset.shuffle` is not used for it: its index shuffle costs about 30 ms
 per permutation however small, and 14 us per record, in grain 0.2.18.)
 
-**Sharding.** The epoch's permutation is cut into *rows* (a problem is one
-row; in SFT a row is one packed sequence of examples), and batch `j` of the
-global stream holds rows `j*G ... j*G + G - 1` (`G` the global batch size).
+**Sharding.** The epoch's permutation is cut into *rows* (a row is one
+packed sequence of examples; see SFT rows), and batch `j` of the global
+stream holds rows `j*G ... j*G + G - 1` (`G` the global batch size).
 A pipeline yields one contiguous *slot range* of every global batch: process
 `k` of `S` (`shard_index`, `shard_count`, `batch_size` rows each, so
 `G = S * batch_size`) takes slots `k*batch_size ... (k+1)*batch_size - 1`;
 or `slots=(lo, hi)` with `batch_size=G` takes slots `lo ... hi - 1` (the rows
 that the devices of one process hold; see `sft.run`). Slot ranges are
-disjoint and together cover every record exactly once per epoch, every range
+disjoint and together cover every example exactly once per epoch, every range
 yields the same number of batches, and the batches that the ranges of any
 partition of `0 ... G` yield, concatenated, are the batches of the one
 pipeline that yields all `G` slots: how many processes share the stream
-changes no batch. Slots past the epoch's last row are padding (`valid`
-False; empty SFT rows, all padding), or with `drop_remainder` the epoch
-stops at its last full global batch.
+changes no batch. Slots past the epoch's last row are padding (empty rows:
+segment 0, loss 0), or with `drop_remainder` the epoch stops at its last
+full global batch.
 
 **State.** `it.get_state()` is a JSON-serialisable dict: the epoch, grain's
 own iterator state within that epoch, and a fingerprint of the global stream.
@@ -37,9 +34,9 @@ Rebuilding the pipeline with the same arguments and calling
 different stream (another seed, global batch size, data ...) is refused with
 an error that names the field. The slot range is not part of the stream: a
 state saved by one shard resumes any other shard (or the whole batch) at the
-same global batch, so a run can resume on another number of processes. `save_state` / `load_state` write and read it
-as JSON (atomic replace). The number of epochs is not part of the fingerprint,
-so a finished run can be extended.
+same global batch, so a run can resume on another number of processes
+(`sft.run` stores the states in its training checkpoints). The number of
+epochs is not part of the fingerprint, so a finished run can be extended.
 
 **SFT rows.** Examples are `{"prompt_ids": [...], "completion_ids": [...]}`.
 With `pack=True` (default) several examples share a row, placed first-fit in
@@ -70,8 +67,6 @@ from typing import Any
 import grain
 import numpy as np
 
-from maft_jax import files
-
 STATE_FORMAT = "maft_jax.data.iterator"
 STATE_VERSION = 2  # 2: shards are slot ranges of a global stream
 OVERLONG_POLICIES = ("truncate_prompt", "error")
@@ -79,19 +74,6 @@ OVERLONG_POLICIES = ("truncate_prompt", "error")
 
 class DataError(ValueError):
   """Bad pipeline arguments, examples or iterator state; names the value."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Batch:
-  """`batch_size` records; `valid[i]` is False for padding.
-
-  A padding slot repeats a real record (so it can be processed like any
-  other), has `indices[i] == -1`, and must be discarded by its mask.
-  """
-  records: list[Any]
-  valid: np.ndarray      # bool[B]
-  indices: np.ndarray    # int64[B], position in the input sequence; -1 = padding
-  epoch: int
 
 
 # ---------------------------------------------------------------- small pieces
@@ -199,27 +181,16 @@ def _digest(chunks: Iterator[bytes]) -> str:
   return h.hexdigest()[:16]
 
 
-def _records_digest(records: Sequence[Any]) -> str | None:
-  """A digest of the records' ids (attribute or key `id`), None if some lack one."""
-  ids = []
-  for r in records:
-    rid = r.get("id") if isinstance(r, Mapping) else getattr(r, "id", None)
-    if rid is None:
-      return None
-    ids.append(str(rid).encode())
-  return _digest(iter(ids))
-
-
 # ---------------------------------------------------------------- the iterator
 
 
 class DataIterator:
   """Batches of a pipeline, epoch by epoch, with JSON state.
 
-    it = problem_batches(...)            # or sft_batches(...)
+    it = sft_batches(...)
     batch = next(it)
     state = it.get_state()               # JSON-serialisable
-    it2 = problem_batches(...)           # same arguments
+    it2 = sft_batches(...)               # same arguments
     it2.set_state(state)                 # next(it2) is the batch next(it) gives
 
   `build_epoch(e)` returns the `grain.MapDataset` of epoch `e`'s batches for
@@ -237,15 +208,6 @@ class DataIterator:
                                                            prefetch_buffer_size=0)
     self._epoch = 0
     self._it: Any = None      # grain iterator over the current epoch, None = not started
-
-  @property
-  def epoch(self) -> int:
-    """The epoch the next batch comes from (== num_epochs when finished)."""
-    return self._epoch
-
-  @property
-  def num_epochs(self) -> int | None:
-    return self._num_epochs
 
   def num_batches(self) -> int | None:
     """Batches in all epochs, from the start (None when it repeats forever).
@@ -318,75 +280,6 @@ class DataIterator:
       except (IndexError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"grain state {state['grain']!r} for epoch {epoch} does not "
                         f"fit this pipeline: {e}") from e
-
-
-def save_state(path: str, state: Mapping[str, Any]) -> None:
-  """Writes `state` as JSON to `path`, atomically (`files.write_text`)."""
-  files.write_text(path, json.dumps(state, indent=1, sort_keys=True))
-
-
-def load_state(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      state = json.load(f)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{path}: not a JSON iterator state ({e})") from e
-  if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-    raise DataError(f"{path}: not a {STATE_FORMAT} state")
-  return state
-
-
-# ---------------------------------------------------------------- problems
-
-
-def _problem_batch(rows: range, *, order: np.ndarray, records: Sequence[Any], size: int,
-                   epoch: int) -> Batch:
-  indices = np.full((size,), -1, dtype=np.int64)
-  indices[:len(rows)] = order[rows.start:rows.stop]
-  valid = indices >= 0
-  filler = records[indices[0]] if len(rows) else records[0]
-  batch_records = [records[i] if i >= 0 else filler for i in indices]
-  return Batch(records=batch_records, valid=valid, indices=indices, epoch=epoch)
-
-
-def problem_batches(records: Sequence[Any], *, batch_size: int, seed: int,
-                    epoch_shuffle: bool = True, shard_index: int | None = None,
-                    shard_count: int | None = None, slots: tuple[int, int] | None = None,
-                    num_epochs: int | None = 1, drop_remainder: bool = False,
-                    read_options: grain.ReadOptions | None = None) -> DataIterator:
-  """`Batch`es of this shard's records (`batch_size` of them, or `hi - lo`
-  with `slots`), epoch after epoch; see the module docstring for shards and
-  slots. Shards default to the jax process.
-
-  The last batch of an epoch is padded (`valid` False) unless `drop_remainder`.
-  `num_epochs=None` repeats forever.
-  """
-  records = list(records)
-  if not records:
-    raise DataError("problem_batches: records is empty")
-  G, lo, hi = resolve_slots(batch_size, shard_index, shard_count, slots)
-  seed = _check_int("seed", seed, minimum=0)
-  if num_epochs is not None:
-    num_epochs = _check_int("num_epochs", num_epochs, minimum=1)
-  n = len(records)
-  num_batches = num_global_batches(n, G, drop_remainder)
-  if num_batches == 0:
-    raise DataError(f"drop_remainder with {n} records leaves no full global batch of {G}")
-
-  def build_epoch(epoch: int) -> grain.MapDataset:
-    order = epoch_order(n, seed=seed, epoch=epoch, shuffle=epoch_shuffle)
-
-    def make(b: int) -> Batch:
-      return _problem_batch(batch_rows(b, n, G, lo, hi), order=order, records=records,
-                            size=hi - lo, epoch=epoch)
-    return grain.MapDataset.range(num_batches).map(make)
-
-  fingerprint = {"kind": "problem_batches", "num_records": n,
-                 "records_digest": _records_digest(records), "global_batch_size": G,
-                 "seed": seed, "epoch_shuffle": bool(epoch_shuffle),
-                 "drop_remainder": bool(drop_remainder)}
-  return DataIterator(fingerprint=fingerprint, num_epochs=num_epochs,
-                      build_epoch=build_epoch, read_options=read_options)
 
 
 # ---------------------------------------------------------------- SFT

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -91,17 +92,33 @@ def read_json(path: str) -> Any:
     raise FileError(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
-  """(line number, record) of every non-blank line."""
+def read_jsonl(path: str, *, on_bad_record: str = "error", error: type[Exception] = FileError
+               ) -> Iterator[tuple[int, dict]]:
+  """(line number, record) of every non-blank line; each must be a JSON
+  object. A missing file or a malformed line raises `error` naming the file
+  (and line); with on_bad_record="skip" malformed lines are skipped, counted
+  and logged instead."""
+  if on_bad_record not in ("error", "skip"):
+    raise error(f"on_bad_record={on_bad_record!r}: 'error' or 'skip'")
   try:
-    f = open(path)
+    f = open(path, encoding="utf-8")
   except FileNotFoundError:
-    raise FileError(f"{path}: missing") from None
+    raise error(f"{path}: missing") from None
+  skipped = 0
   with f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        yield lineno, json.loads(line)
+        record = json.loads(line)
+        problem = None if isinstance(record, dict) else "not a JSON object"
       except json.JSONDecodeError as e:
-        raise FileError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        problem = f"not valid JSON: {e}"
+      if problem is None:
+        yield lineno, record
+      elif on_bad_record == "skip":
+        skipped += 1
+      else:
+        raise error(f"{path}:{lineno}: malformed record ({problem})")
+  if skipped:
+    logging.warning("%s: skipped %d malformed line(s) (on_bad_record='skip')", path, skipped)

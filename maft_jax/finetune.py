@@ -161,20 +161,21 @@ def _agent_step(state, batches, base, *, cfg: ModelConfig, h: Hyper, lora_scale)
   return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "h", "lora_scale", "spmd_axis_name"),
+@functools.partial(jax.jit, static_argnames=("cfg", "h", "lora_scale", "placement"),
                    donate_argnames=("state",))
 def train_step(state, batches, base=None, *, cfg: ModelConfig, h: Hyper, lora_scale: float = 1.0,
-               spmd_axis_name: str | None = None):
+               placement: sharding.Placement = sharding.LOCAL):
   """Update every agent. batches: dict of [A, k, b, T] arrays (k microbatches).
   With LoRA, `state["params"]` holds the stacked adapters and `base` the one
   frozen base (no agent axis, shared by every agent, never donated).
   Returns the new state and per-agent metrics (loss, tokens, grad_norm, lr,
   updated)."""
   fn = functools.partial(_agent_step, cfg=cfg, h=h, lora_scale=lora_scale)
-  new_state, metrics = jax.vmap(fn, in_axes=(0, 0, None),
-                                spmd_axis_name=spmd_axis_name)(state, batches, base)
-  if base is None:  # full finetuning: keep parameters and moments on the rule table's layout
-    new_state = sharding.constrain_state(new_state, population.axes(cfg))
+  with placement.tracing():
+    new_state, metrics = jax.vmap(fn, in_axes=(0, 0, None),
+                                  spmd_axis_name=placement.spmd_axis_name)(state, batches, base)
+    if base is None:  # full finetuning: keep parameters and moments on the rule table's layout
+      new_state = sharding.constrain_state(new_state, population.axes(cfg))
   return new_state, metrics
 
 

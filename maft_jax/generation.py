@@ -88,8 +88,8 @@ class Generator:
 
   def __init__(self, cfg: ModelConfig, tokenizer, *, pad_id: int | None = None,
                progress: bool = True, log: Callable[[str], None] = logging.info,
-               spmd_axis_name: str | None = None, mesh=None):
-    self.cfg, self.tok, self.spmd_axis_name, self.mesh = cfg, tokenizer, spmd_axis_name, mesh
+               placement: sharding.Placement = sharding.LOCAL):
+    self.cfg, self.tok, self.placement = cfg, tokenizer, placement
     self.pad_id = pad_id if pad_id is not None else (
         tokenizer.pad_id if tokenizer.pad_id is not None else
         (tokenizer.eos_ids[0] if tokenizer.eos_ids else 0))
@@ -149,11 +149,11 @@ class Generator:
         self.log(f"sampler: compiling for agents={A} batch={B} prompt_len={T} "
                  f"samples={S} new_tokens={N} ({len(self.shapes)} shape(s) so far)")
       axes = ("agent", "batch", "length") if per_agent else ("batch", "length")
-      tokens, mask = (sharding.host_to_global(x, axes, self.mesh) for x in (tokens, mask))
+      tokens, mask = (self.placement.put(x, axes) for x in (tokens, mask))
       res = sampling.sample(pop, tokens, mask, key, cfg=self.cfg, method=options.method,
                             max_new_tokens=N, stop_ids=stop_ids, pad_id=self.pad_id,
                             num_samples=S, row_ids=row_ids,
-                            spmd_axis_name=self.spmd_axis_name)
+                            placement=self.placement)
       n = len(chunk)
       toks = distributed.to_host(res.tokens).reshape(A, B, S, N)[:, :n]
       out_tokens[:, chunk] = toks

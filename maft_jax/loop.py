@@ -42,10 +42,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from maft_jax import builders, config, distributed, files, report, sharding, source, stages
+from maft_jax import builders, config, distributed, files, records, report, source, stages
 from maft_jax.config import ConfigError, Plan
 from maft_jax.model import Params
 
@@ -55,7 +55,7 @@ class StageSpec(NamedTuple):
   # The iteration whose population the stage reads at iteration k (0: the
   # base), or None when it reads none.
   reads: Callable[[int, Plan], int | None]
-  run: Callable[..., Any]              # (env, k, pop, out) -> summary (finetune: , pop)
+  run: Callable[..., Any]              # (env, k, pop, out) -> its record (finetune: , pop)
 
 
 STAGE_TABLE = (
@@ -96,14 +96,20 @@ class Stage:
     distributed.barrier(f"begin {self.dir}")
     return self.partial
 
-  def commit(self, summary: Mapping[str, Any]) -> None:
+  def commit(self, data: records.Data, seconds: float) -> None:
     if distributed.is_primary():
-      files.write_json(os.path.join(self.partial, "summary.json"), summary)
+      files.write_json(os.path.join(self.partial, "summary.json"),
+                       records.to_json(data, seconds=seconds))
       files.commit_dir(self.partial, self.dir)
     distributed.barrier(f"commit {self.dir}")
 
-  def summary(self) -> dict:
-    return files.read_json(os.path.join(self.dir, "summary.json"))
+  def record(self, iteration: int, name: str) -> records.Record:
+    """The finished stage's record (`records.parse`: a damaged or foreign
+    summary.json is named)."""
+    try:
+      return records.read_summary(os.path.join(self.dir, "summary.json"), iteration, name)
+    except records.RecordError as e:
+      raise ConfigError(str(e)) from None
 
 
 def base_source(plan: Plan, workdir: str, *, log: Callable[[str], None] = logging.info,
@@ -164,7 +170,7 @@ class Run:
     m = self.plan.model
     src = source.describe("checkpoint", self.population_path(iteration), dtype=m.dtype,
                           param_dtype="float32", remat=m.remat)
-    return source.load(src, self.plan.num_agents, env.mesh)
+    return source.load(src, self.plan.num_agents, env.placement)
 
   def run(self) -> list[dict]:
     """Every stage not yet done, in order; returns the records."""
@@ -173,7 +179,7 @@ class Run:
     for note in config.layout_notes(p):
       self.log(f"note: {note}")
     pop, have = None, None  # `pop` is the population after iteration `have`
-    with sharding.use_mesh(self.env.mesh):
+    with self.env.placement.context():
       for k, spec in stage_list(p.iterations):
         stage = Stage(self.workdir, k, spec.name)
         if stage.done:
@@ -185,31 +191,28 @@ class Run:
         self.log(f"iteration {k}/{p.iterations}: {spec.name}")
         start = time.perf_counter()
         out = stage.begin()
-        summary = spec.run(self.env, k, pop if need is not None else None, out)
+        data = spec.run(self.env, k, pop if need is not None else None, out)
         if spec.name == "finetune":
-          (summary, pop), have = summary, k
+          (data, pop), have = data, k
         seconds = time.perf_counter() - start
-        stage.commit({**summary, "seconds": seconds})
+        stage.commit(data, seconds)
         if spec.name == "finetune" and distributed.is_primary():  # the population is committed
           shutil.rmtree(stages.finetune_state_dir(self.workdir, k), ignore_errors=True)
         self._publish()
         self.log(f"iteration {k}/{p.iterations}: {spec.name} done in {seconds:.1f}s")
         if spec.name == "eval":
-          print(report.console_table(self.records(), p.agents.generators), flush=True)
+          print(report.console_table(self.records(), p.config), flush=True)
     self.log(f"run finished in {time.perf_counter() - t0:.1f}s")
     return self.records()
 
-  def records(self) -> list[dict]:
-    out = []
-    for k, spec in stage_list(self.plan.iterations):
-      stage = Stage(self.workdir, k, spec.name)
-      if stage.done:
-        out.append({"iteration": k, "stage": spec.name, **stage.summary()})
-    return out
+  def records(self) -> list[records.Record]:
+    """The records of the finished stages, in order."""
+    return [stage.record(k, spec.name) for k, spec in stage_list(self.plan.iterations)
+            if (stage := Stage(self.workdir, k, spec.name)).done]
 
   def _publish(self) -> None:
     if not distributed.is_primary():
       return
-    records = self.records()
-    files.write_jsonl(os.path.join(self.workdir, "metrics.jsonl"), records)
-    report.write_tensorboard(self.workdir, records)
+    done = self.records()
+    files.write_jsonl(os.path.join(self.workdir, "metrics.jsonl"), map(records.to_line, done))
+    report.write_tensorboard(self.workdir, done)

@@ -112,7 +112,7 @@ def _temp(compiled) -> int:
   return int(getattr(stats, "temp_size_in_bytes", 0) or 0) if stats is not None else 0
 
 
-def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
+def plan_memory(cfg: ModelConfig, *, agents: int, placement: sharding.Placement,
                 sample_batch: int, prompt_len: int, max_new_tokens: int,
                 train_batch: int, grad_accum: int, seq_len: int, hyper: finetune.Hyper,
                 lora_config: lora.LoraConfig | None, capacity: int, compile: bool = True,
@@ -120,9 +120,9 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
                 log: Callable[[str], None] = lambda m: None) -> MemoryPlan:
   """The plan of one MAFT run (see the module docstring); decode is compiled
   once per distinct sampling method (top-p adds [rows, vocab] temporaries)."""
-  A = agents
+  A, mesh = agents, placement.mesh
   pop_abs = population.shapes(cfg, A)
-  pop = _placed(pop_abs, sharding.shardings(population.axes(cfg), pop_abs, mesh))
+  pop = _placed(pop_abs, placement.shardings(population.axes(cfg), pop_abs))
   params = _bytes(pop)
 
   # Optimizer state: of the parameters, or of the per-agent adapters (LoRA).
@@ -133,18 +133,19 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
     axes = jax.tree.map(lambda a: ("agent",) + a, lora.axes(lora_config),
                         is_leaf=lambda x: isinstance(x, tuple))
   state_abs = jax.eval_shape(lambda p: finetune.init_state(p, hyper, 1), trainable)
-  state = _placed(state_abs, sharding.state_shardings(state_abs, axes, mesh))
+  state = _placed(state_abs, placement.state_shardings(state_abs, axes))
   opt_state = _bytes(state) - (_bytes(state["params"]) if lora_config is None else 0)
 
   cache_len = prompt_len + max_new_tokens
-  # The decode state's layout: k/v layer-major (sampling.STATE_AXES).
-  state_axes = sampling.STATE_AXES["cache"]
+  # The decode state's layout: k/v layer-major (`sampling.DecodeState`).
+  state_axes = sampling.STATE_AXES.cache()
   cache_abs = jax.eval_shape(lambda: jax.vmap(
       lambda _: model.init_cache(cfg, sample_batch, cache_len),
       out_axes=state_axes)(jnp.arange(A)))
-  cache_axes = {k: v[:state_axes[k]] + ("agent",) + v[state_axes[k]:]
+  cache_axes = {k: v if state_axes[k] is None else
+                v[:state_axes[k]] + ("agent",) + v[state_axes[k]:]
                 for k, v in model.cache_axes().items()}
-  cache = _placed(cache_abs, sharding.shardings(cache_axes, cache_abs, mesh))
+  cache = _placed(cache_abs, placement.shardings(cache_axes, cache_abs))
   kv_cache = _bytes(cache)
 
   result = MemoryPlan(devices=mesh.devices.size, mesh=dict(mesh.shape), params=params,
@@ -153,28 +154,28 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
   if not compile or result.peak > capacity:
     return result  # already too big (or not asked): nothing to compile
 
-  with sharding.use_mesh(mesh):
-    spec = sharding.logical_to_spec(sft.BATCH_AXES, (A, grad_accum, train_batch, seq_len), mesh)
+  with placement.context():
+    spec = placement.spec(sft.BATCH_AXES, (A, grad_accum, train_batch, seq_len))
     batch = {k: jax.ShapeDtypeStruct((A, grad_accum, train_batch, seq_len), jnp.int32,
                                      sharding=jax.sharding.NamedSharding(mesh, spec))
              for k in sft.BATCH_KEYS}
     base = None
     if lora_config is not None:
       one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), pop_abs)
-      base = _placed(one, sharding.shardings(model.param_axes(cfg), one, mesh))
+      base = _placed(one, placement.shardings(model.param_axes(cfg), one))
     log("dry run: compiling the train step")
     train_temp = _temp(finetune.train_step.lower(
         state, batch, base, cfg=cfg, h=hyper,
         lora_scale=lora_config.scale if lora_config else 1.0,
-        spmd_axis_name="agent").compile())
+        placement=placement).compile())
 
-    rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
-        ("batch", "length"), (sample_batch, prompt_len), mesh))
+    rows = jax.sharding.NamedSharding(mesh, placement.spec(("batch", "length"),
+                                                           (sample_batch, prompt_len)))
     prompts = jax.ShapeDtypeStruct((sample_batch, prompt_len), jnp.int32, sharding=rows)
     mask = jax.ShapeDtypeStruct((sample_batch, prompt_len), jnp.bool_, sharding=rows)
     log("dry run: compiling prefill and decode")
     prefill = sampling.prefill.lower(pop, prompts, mask, cfg=cfg, cache_len=cache_len,
-                                     spmd_axis_name="agent").compile()
+                                     placement=placement).compile()
     state_out = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(lambda p, t, m: sampling.prefill(p, t, m, cfg=cfg, cache_len=cache_len),
@@ -182,7 +183,7 @@ def plan_memory(cfg: ModelConfig, *, agents: int, mesh: jax.sharding.Mesh,
         prefill.output_shardings)
     decode_temp = max(_temp(sampling.decode.lower(
         pop, state_out, jax.random.key(0), cfg=cfg, method=method,
-        max_new_tokens=max_new_tokens, spmd_axis_name="agent").compile())
+        max_new_tokens=max_new_tokens, placement=placement).compile())
         for method in dict.fromkeys(methods))
   return dataclasses.replace(result, train_temp=train_temp,
                              sample_temp=max(_temp(prefill), decode_temp))
@@ -213,8 +214,9 @@ def plan_run(plan, *, capacity: int, compile: bool = True,
   grad_accum x seq_len."""
   d, e, s = plan.debate.options, plan.eval.options, plan.finetune.sft
   new_tokens = max(d.max_new_tokens, e.max_new_tokens)
+  placement = sharding.Placement(sharding.make_mesh(plan.mesh))
   return plan_memory(
-      model_config(plan), agents=plan.num_agents, mesh=sharding.make_mesh(plan.mesh),
+      model_config(plan), agents=plan.num_agents, placement=placement,
       sample_batch=max(d.batch_size, e.batch_size), prompt_len=s.seq_len - new_tokens,
       max_new_tokens=new_tokens, train_batch=s.batch_size, grad_accum=s.grad_accum,
       seq_len=s.seq_len, hyper=s.hyper, lora_config=s.lora, capacity=capacity,

@@ -28,6 +28,7 @@ computed by the eval stage beside these (`stages.eval_debate`).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -65,11 +66,15 @@ ACCURACIES = ("round1_accuracy", "final_accuracy", "debate_accuracy", "majority_
               "best_of_n_accuracy")
 
 
+def binomial_se(p: float, n: int) -> float:
+  """sqrt(p (1 - p) / n): the standard error of an accuracy p over n problems."""
+  return math.sqrt(p * (1 - p) / n)
+
+
 def with_errors(result: dict, n: int) -> dict:
   """`result` plus `<field>_se`, the binomial standard error sqrt(p(1-p)/n),
   for every accuracy field (a number or a per-agent list) measured on `n`
   problems."""
-  from maft_jax.report import binomial_se
   out = dict(result)
   for field in ACCURACIES:
     if field in result:

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from maft_jax import model
+from maft_jax import model, sharding
 from maft_jax.model import ModelConfig, Params
 
 
@@ -61,7 +61,7 @@ def axes(cfg: ModelConfig) -> Params:
 
 
 def forward(pop: Params, tokens, *, cfg: ModelConfig, positions=None, segment_ids=None,
-            spmd_axis_name: str | None = None):
+            placement: sharding.Placement = sharding.LOCAL):
   """Logits f32[A, B, T, V] of every agent. Token-like inputs are shared [B, T]
   or per agent [A, B, T]."""
 
@@ -73,5 +73,6 @@ def forward(pop: Params, tokens, *, cfg: ModelConfig, positions=None, segment_id
                               segment_ids_BxT=segment_ids)
     return logits
 
-  return jax.vmap(one, in_axes=(0, axis(tokens), axis(positions), axis(segment_ids)),
-                  spmd_axis_name=spmd_axis_name)(pop, tokens, positions, segment_ids)
+  with placement.tracing():
+    return jax.vmap(one, in_axes=(0, axis(tokens), axis(positions), axis(segment_ids)),
+                    spmd_axis_name=placement.spmd_axis_name)(pop, tokens, positions, segment_ids)

@@ -4,33 +4,32 @@
     write(workdir, baselines={"single-agent FT": other_workdir})
         -> [report.md, accuracy.png, diversity.png]
     write_tensorboard(workdir, run.records)      # workdir/tb, rewritten
+    console_table(run.records, config)           # printed after every evaluation
 
-Why from the workdir: the loop appends one JSON record per (iteration, stage)
-to `metrics.jsonl` as it goes, so a report can be regenerated at any time (while
-the run is going, after a crash, after a resume) without the model, and runs
-can be compared with each other (`baselines`) long after they finished.
+Why from the workdir: the driver rewrites `metrics.jsonl` (one typed record
+per finished stage, `records`) as it goes, so a report can be regenerated at
+any time (while the run is going, after a crash, after a resume) without the
+model, and runs can be compared with each other (`baselines`) long after
+they finished. A record that does not fit its schema, or of another record
+version, is an error naming the file and line (`ReportError`); optional
+fields that a run did not compute (the cross-agent NLL, a mode's own set
+sizes) show as "-".
 
-Records are read tolerantly: older runs lack some fields, and a field that is
-missing, null or of the wrong type shows as "-" (a gap in a plot) instead of
-failing the report. Only an unreadable file or line is an error
-(`ReportError`, naming the file and line). A resumed run may log the same
-(iteration, stage) twice; the last record wins, everywhere.
-
-matplotlib and tensorboardX are imported inside the functions that need them,
-so importing this module stays cheap (the loop imports it).
+One table builder (`iteration_table`) serves report.md and the console.
+matplotlib and tensorboardX are imported inside the functions that need
+them, so importing this module stays cheap (the loop imports it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from maft_jax import files
+from maft_jax import files, records
+from maft_jax.records import Eval, Record
 
 REPORT = "report.md"
 ACCURACY_PLOT = "accuracy.png"
@@ -46,123 +45,55 @@ class ReportError(ValueError):
 class Run:
   name: str
   config: dict
-  records: list[dict]
+  records: list[Record]
   workdir: str = ""
+
+  def latest(self) -> dict[tuple[int, str], Any]:
+    """(iteration, stage) -> its record's data (the last one, should a
+    metrics file repeat a stage)."""
+    return {(r.iteration, r.stage): r.data for r in self.records}
+
+  def stage(self, name: str) -> dict[int, Any]:
+    """iteration -> the data of that iteration's `name` stage."""
+    return {k: d for (k, s), d in sorted(self.latest().items()) if s == name}
 
 
 # ---------------------------------------------------------------- reading
 
 
-def _read_records(path: str) -> list[dict]:
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ReportError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ReportError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-      iteration = record.get("iteration")
-      if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-        raise ReportError(f"{path}:{lineno}: 'iteration' must be an integer >= 0, "
-                          f"got {iteration!r}")
-      if not isinstance(record.get("stage"), str):
-        raise ReportError(f"{path}:{lineno}: 'stage' must be a string, got {record.get('stage')!r}")
-      records.append(record)
-  return records
-
-
 def read_run(workdir: str) -> Run:
-  """The run's config (empty when config.json is absent) and metric records."""
+  """The run's config and its typed records."""
   if not os.path.isdir(workdir):
     raise ReportError(f"{workdir}: no such run directory")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(metrics_path):
     raise ReportError(f"{metrics_path}: not found (has the run evaluated anything yet?)")
-  config: dict = {}
   config_path = os.path.join(workdir, "config.json")
-  if os.path.isfile(config_path):
-    try:
-      with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ReportError(f"{config_path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(config, dict):
-      raise ReportError(f"{config_path}: expected a JSON object")
+  try:
+    config = files.read_json(config_path)
+  except files.FileError as e:
+    raise ReportError(str(e)) from None
+  if not isinstance(config, dict):
+    raise ReportError(f"{config_path}: expected a JSON object")
   name = config.get("name") or os.path.basename(os.path.abspath(workdir))
-  return Run(name=str(name), config=config, records=_read_records(metrics_path),
-             workdir=os.path.abspath(workdir))
+  done = records.read_lines(metrics_path, ReportError)
+  return Run(name=str(name), config=config, records=done, workdir=os.path.abspath(workdir))
 
 
-def latest(records: Iterable[dict]) -> dict[tuple[int, str], dict]:
-  """(iteration, stage) -> its last record (a resumed run may repeat one)."""
-  return {(r["iteration"], r["stage"]): r for r in records}
-
-
-def iterations(records: Iterable[dict]) -> list[int]:
-  return sorted({r["iteration"] for r in records})
-
-
-# ---------------------------------------------------------------- tolerant field access
-
-
-def _num(x: Any) -> float | None:
-  """x as a finite float, or None (missing, null, NaN, not a number)."""
-  if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-    return None
-  return float(x)
-
-
-def _nums(x: Any) -> list[float | None] | None:
-  """x as a list of finite-floats-or-None, or None when x is not a list."""
-  return [_num(v) for v in x] if isinstance(x, list) else None
-
-
-def _mean(xs: Sequence[float | None] | None) -> float | None:
-  vals = [v for v in xs or () if v is not None]
+def offdiag_mean(matrix_AxA: Sequence[Sequence[float]] | None) -> float | None:
+  """Mean of the off-diagonal entries of a square matrix (None: none)."""
+  vals = [v for i, row in enumerate(matrix_AxA or ()) for j, v in enumerate(row) if i != j]
   return sum(vals) / len(vals) if vals else None
 
 
-def offdiag_mean(matrix_AxA: Any) -> float | None:
-  """Mean of the finite off-diagonal entries of a square list-of-lists."""
-  if not isinstance(matrix_AxA, list) or not all(isinstance(r, list) for r in matrix_AxA):
-    return None
-  return _mean([_num(v) for i, row in enumerate(matrix_AxA)
-                for j, v in enumerate(row) if i != j])
-
-
 def _agents(config: Mapping) -> tuple[int | None, bool]:
-  """(generators N or None, critics) from the config."""
-  agents = config.get("agents") if isinstance(config.get("agents"), dict) else {}
-  n = agents.get("generators")
-  n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-  return n, agents.get("critics") is True
+  """(generators N, critics) from a run's config."""
+  agents = config.get("agents") or {}
+  return agents.get("generators"), agents.get("critics") is True
 
 
 def _task_name(config: Mapping) -> str:
-  task = config.get("task")
-  return str(task.get("name")) if isinstance(task, dict) and task.get("name") else "-"
-
-
-def round1_mean(eval_record: Mapping | None) -> float | None:
-  return _mean(_nums((eval_record or {}).get("round1_accuracy")))
-
-
-def _series(run: Run, fn: Callable[[Mapping], float | None], stage: str = "eval",
-            ) -> dict[int, float]:
-  """iteration -> fn(record of that stage), where fn gives a value."""
-  out = {}
-  for (k, s), r in sorted(latest(run.records).items()):
-    if s == stage and (v := fn(r)) is not None:
-      out[k] = v
-  return out
-
-
-def _field(name: str) -> Callable[[Mapping], float | None]:
-  return lambda r: _num(r.get(name))
+  return str((config.get("task") or {}).get("name") or "-")
 
 
 # ---------------------------------------------------------------- formatting
@@ -172,167 +103,175 @@ def pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def binomial_se(p: float | None, n: Any) -> float | None:
-  """sqrt(p (1 - p) / n), or None without a p or a count."""
-  if p is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    return None
-  return math.sqrt(p * (1 - p) / n)
-
-
 def pct_se(p: float | None, se: float | None) -> str:
   """'42.0% ± 2.2' (the standard error in percentage points), or just '42.0%'."""
   return pct(p) if p is None or se is None else f"{100 * p:.1f}% ± {100 * se:.1f}"
 
 
-def accuracy(record: Mapping | None, field: str) -> tuple[float | None, float | None]:
-  """(accuracy, its standard error) of an eval record's field. The error is
-  the record's own `<field>_se`, else sqrt(p(1-p)/n) over its `problems`.
-  `round1_mean` is the generators' mean: the record's round1_mean_accuracy
-  (its error is over problems, `metrics.mean_with_error`), else the mean of
-  round1_accuracy with the binomial error over problems, which bounds it."""
-  r = record or {}
-  if field == "round1_mean":
-    if _num(r.get("round1_mean_accuracy")) is not None:
-      field = "round1_mean_accuracy"
-    else:  # older records: the mean, and the binomial error over problems (an upper bound)
-      p = _mean(_nums(r.get("round1_accuracy")))
-      return p, binomial_se(p, r.get("problems"))
-  p = _num(r.get(field))
-  se = _num(r.get(field + "_se"))
-  return p, se if se is not None else binomial_se(p, r.get("problems"))
+ACCURACY_FIELDS = ("round1_mean_accuracy", "debate_accuracy", "majority_accuracy",
+                   "best_of_n_accuracy")
+
+
+def accuracy(e: Eval | None, field: str) -> tuple[float | None, float | None]:
+  """(accuracy, its standard error) of one of an eval record's ACCURACY_FIELDS."""
+  if e is None:
+    return None, None
+  return getattr(e, field), getattr(e, field + "_se")
 
 
 def _fixed(x: float | None, digits: int) -> str:
   return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _frac(x: float | None) -> str:
-  """0.42 -> '.42' (compact per-agent accuracies); None -> '-'."""
-  if x is None:
-    return "-"
+def _frac(x: float) -> str:
+  """0.42 -> '.42' (compact per-agent accuracies)."""
   s = f"{x:.2f}"
   return s[1:] if s.startswith("0.") else s
 
 
-def _count(x: Any) -> str:
-  return str(x) if isinstance(x, int) and not isinstance(x, bool) else "-"
-
-
-def _split_gc(values: list, n: int | None, critics: bool) -> tuple[list, list]:
-  """(generators, critics) halves of a per-agent list of A = 2N entries."""
-  if critics and n is not None and len(values) == 2 * n:
-    return values[:n], values[n:]
-  return values, []
+def _mean(xs: Iterable[float | None]) -> float | None:
+  vals = [v for v in xs if v is not None]
+  return sum(vals) / len(vals) if vals else None
 
 
 def _join(label: str, cells: list[str]) -> str:
   return f"{label} " + " ".join(cells) if cells else ""
 
 
-def per_agent_accuracy(eval_record: Mapping | None, critics: bool) -> str:
+def per_agent_accuracy(e: Eval | None, critics: bool) -> str:
   """'G .42 .40 .45 / C .50 .48 .47': generators' round-1, critics' final."""
-  r = eval_record or {}
-  gen = _nums(r.get("round1_accuracy"))
-  parts = [_join("G", [_frac(v) for v in gen])] if gen else []
-  final = _nums(r.get("final_accuracy"))
-  if critics and final:
-    parts.append(_join("C", [_frac(v) for v in final]))
-  return " / ".join(parts) or "-"
-
-
-def per_agent_counts(values: Any, n: int | None, critics: bool) -> str:
-  """'G 12 10 9 / C 8 7 6' from a list of A counts."""
-  if not isinstance(values, list) or not values:
+  if e is None:
     return "-"
-  gen, crit = _split_gc([_count(v) for v in values], n, critics)
+  parts = [_join("G", [_frac(v) for v in e.round1_accuracy])]
+  if critics:
+    parts.append(_join("C", [_frac(v) for v in e.final_accuracy]))
+  return " / ".join(p for p in parts if p) or "-"
+
+
+def per_agent_counts(values: list[int] | None, n: int | None, critics: bool) -> str:
+  """'G 12 10 9 / C 8 7 6' from a list of A counts."""
+  if not values:
+    return "-"
+  cells = [str(v) for v in values]
+  gen, crit = (cells[:n], cells[n:]) if critics and n and len(cells) == 2 * n else (cells, [])
   return " / ".join(p for p in (_join("G", gen), _join("C", crit)) if p)
 
 
-def _total(values: Any) -> str:
+def _total(values: list[int] | None) -> str:
   """'31 (10 12 9)'."""
-  if not isinstance(values, list):
-    return "-"
-  cells = [_count(v) for v in values]
-  ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
-  return f"{sum(ints)} ({' '.join(cells)})" if ints else "-"
-
-
-def _cell(text: str) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-  lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-  return lines
-
-
-# ---------------------------------------------------------------- report.md
-
-
-ITERATION_HEADER = (
-    "iteration", "generators round 1 (mean)", "per agent", "debate", "majority vote (round 1)",
-    "best-of-N", "consensus", "distinct answers", "3-gram overlap", "cross NLL (off-diag)",
-    "selected examples", "finetune loss (mean)")
+  return "-" if values is None else f"{sum(values)} ({' '.join(str(v) for v in values)})"
 
 
 Table = tuple[list[str], list[list[str]]]   # header, rows of cells
 
 
-def iteration_rows(run: Run, baselines: Mapping[str, Run] = {}) -> Table:
-  """The per-iteration table: header and one row per iteration of the run or
-  any baseline (baselines add a round-1 and a debate column each)."""
+def markdown(table: Table) -> list[str]:
+  header, rows = table
+  cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+  lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+def text(table: Table) -> str:
+  """The table in aligned columns (the console's)."""
+  header, rows = table
+  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                   for r in [header, *rows])
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _iteration_columns(run: Run) -> dict[str, Callable[[int], str]]:
+  """column -> its cell at iteration k, for the per-iteration table."""
   n, critics = _agents(run.config)
-  by = latest(run.records)
-  base_by = {label: latest(b.records) for label, b in baselines.items()}
-  header = list(ITERATION_HEADER)
+  ev, sel, ft = run.stage("eval"), run.stage("select"), run.stage("finetune")
+
+  def loss(k):
+    return _fixed(_mean(ft[k].final_loss), 4) if k in ft else "-"
+
+  def field(name, show):
+    return lambda k: show(getattr(ev[k], name)) if k in ev else "-"
+
+  return {
+      "iteration": str,
+      "generators round 1 (mean)": lambda k: pct_se(*accuracy(ev.get(k), "round1_mean_accuracy")),
+      "per agent": lambda k: per_agent_accuracy(ev.get(k), critics),
+      "debate": lambda k: pct_se(*accuracy(ev.get(k), "debate_accuracy")),
+      "majority vote (round 1)": lambda k: pct_se(*accuracy(ev.get(k), "majority_accuracy")),
+      "best-of-N": lambda k: pct_se(*accuracy(ev.get(k), "best_of_n_accuracy")),
+      "consensus": field("consensus_rate", pct),
+      "distinct answers": field("distinct_answers", lambda v: _fixed(v, 2)),
+      "3-gram overlap": field("ngram_overlap", lambda v: _fixed(v, 3)),
+      "cross NLL (off-diag)": field("cross_nll", lambda v: _fixed(offdiag_mean(v), 3)),
+      "selected examples": lambda k: per_agent_counts(sel[k].selected if k in sel else None,
+                                                      n, critics),
+      "finetune loss (mean)": loss,
+  }
+
+
+CONSOLE_COLUMNS = ("iteration", "per agent", "generators round 1 (mean)",
+                   "majority vote (round 1)", "debate", "best-of-N", "consensus",
+                   "selected examples")
+
+
+def iteration_table(run: Run, baselines: Mapping[str, Run] = {},
+                    columns: Sequence[str] | None = None) -> Table:
+  """One row per iteration of the run or any baseline, with `columns`
+  (default: all; baselines add a round-1 and a debate column each)."""
+  table = _iteration_columns(run)
+  header = list(columns or table)
+  cells = [table[c] for c in header]
+  base_evals = {label: b.stage("eval") for label, b in baselines.items()}
   for label in baselines:
     header += [f"{label}: round 1 (mean)", f"{label}: debate"]
-  ks = sorted(set(iterations(run.records)).union(
-      *(iterations(b.records) for b in baselines.values())))
+  ks = sorted({r.iteration for b in (run, *baselines.values()) for r in b.records})
   rows = []
   for k in ks:
-    ev, sel, ft = by.get((k, "eval")), by.get((k, "select"), {}), by.get((k, "finetune"), {})
-    e = ev or {}
-    row = [str(k), pct_se(*accuracy(ev, "round1_mean")), per_agent_accuracy(ev, critics),
-           pct_se(*accuracy(ev, "debate_accuracy")), pct_se(*accuracy(ev, "majority_accuracy")),
-           pct_se(*accuracy(ev, "best_of_n_accuracy")), pct(_num(e.get("consensus_rate"))),
-           _fixed(_num(e.get("distinct_answers")), 2), _fixed(_num(e.get("ngram_overlap")), 3),
-           _fixed(offdiag_mean(e.get("cross_nll")), 3),
-           per_agent_counts(sel.get("selected"), n, critics),
-           _fixed(_mean(_nums(ft.get("final_loss"))), 4)]
+    row = [cell(k) for cell in cells]
     for label in baselines:
-      be = base_by[label].get((k, "eval")) or {}
-      row += [pct_se(*accuracy(be, "round1_mean")), pct_se(*accuracy(be, "debate_accuracy"))]
+      e = base_evals[label].get(k)
+      row += [pct_se(*accuracy(e, "round1_mean_accuracy")),
+              pct_se(*accuracy(e, "debate_accuracy"))]
     rows.append(row)
   return header, rows
 
 
-def _best_final(series: Mapping[int, float]) -> tuple[str, str]:
-  if not series:
-    return "-", "-"
-  k_last = max(series)
-  k_best = max(series, key=lambda k: (series[k], -k))   # earliest best
-  return (f"{pct(series[k_last])} (iteration {k_last})",
-          f"{pct(series[k_best])} (iteration {k_best})")
+def console_table(done: Sequence[Record], config: Mapping) -> str:
+  """The per-iteration table the driver prints after every evaluation."""
+  run = Run(name=str(config.get("name") or ""), config=dict(config), records=list(done))
+  return text(iteration_table(run, columns=CONSOLE_COLUMNS))
+
+
+def _final_and_best(run: Run, field: str, show: Callable[[tuple], str]) -> list[str]:
+  """[final, best] cells of an accuracy over the run's evaluations (the
+  earliest best)."""
+  scored = {k: accuracy(e, field) for k, e in run.stage("eval").items()}
+  if not scored:
+    return ["-", "-"]
+  last = max(scored)
+  best = max(scored, key=lambda k: (scored[k][0], -k))
+  return [f"{show(scored[last])} (iteration {last})", f"{show(scored[best])} (iteration {best})"]
 
 
 def baseline_rows(run: Run, baselines: Mapping[str, Run] = {}) -> Table:
   """The iteration-0 baselines of this run, then this run's and each baseline
   run's final and best accuracy (mean round 1 and debate)."""
-  e0 = latest(run.records).get((0, "eval")) or {}
+  e0 = run.stage("eval").get(0)
+  at0 = lambda field: pct(accuracy(e0, field)[0])  # noqa: E731
   rows = [
-      ["base model", "generators round 1 (mean), iteration 0", pct(round1_mean(e0)), "-"],
-      ["majority vote", "round 1, iteration 0", pct(_num(e0.get("majority_accuracy"))), "-"],
-      ["debate without finetuning", "debate, iteration 0",
-       pct(_num(e0.get("debate_accuracy"))), "-"],
-      ["best-of-N with verifier", "round 1, iteration 0",
-       pct(_num(e0.get("best_of_n_accuracy"))), "-"],
+      ["base model", "generators round 1 (mean), iteration 0", at0("round1_mean_accuracy"), "-"],
+      ["majority vote", "round 1, iteration 0", at0("majority_accuracy"), "-"],
+      ["debate without finetuning", "debate, iteration 0", at0("debate_accuracy"), "-"],
+      ["best-of-N with verifier", "round 1, iteration 0", at0("best_of_n_accuracy"), "-"],
   ]
+  plain = lambda pse: pct(pse[0])  # noqa: E731
   for label, r in [(f"this run ({run.name})", run), *baselines.items()]:
-    rows.append([label, "generators round 1 (mean)", *_best_final(_series(run=r, fn=round1_mean))])
-    rows.append([label, "debate", *_best_final(_series(run=r, fn=_field("debate_accuracy")))])
+    rows.append([label, "generators round 1 (mean)",
+                 *_final_and_best(r, "round1_mean_accuracy", plain)])
+    rows.append([label, "debate", *_final_and_best(r, "debate_accuracy", plain)])
   return ["baseline", "metric", "accuracy (final)", "best"], rows
 
 
@@ -342,47 +281,34 @@ def method_metric(config: Mapping) -> tuple[str, str]:
   several without debate (majority finetuning), else its round-1 accuracy
   (one agent: STaR, rejection-sampling finetuning)."""
   n, _ = _agents(config)
-  rounds = (config.get("eval") or {}).get("rounds") if isinstance(config.get("eval"), dict) else None
-  if isinstance(rounds, int) and rounds >= 2:
+  if ((config.get("eval") or {}).get("rounds") or 1) >= 2:
     return "debate_accuracy", "debate"
   if n is not None and n > 1:
     return "majority_accuracy", "majority vote"
-  return "round1_mean", "round 1"
+  return "round1_mean_accuracy", "round 1"
 
 
 def paper_rows(run: Run, baselines: Mapping[str, Run] = {}) -> Table:
   """The paper's Table 1 layout: Base, Majority and Debate (this run's
   iteration 0), each baseline run, then this run; each "acc ± se", at the
   final and the best iteration of the finetuned runs."""
-  e0 = latest(run.records).get((0, "eval"))
-  rows = [["Base", "round 1 (mean), iteration 0", pct_se(*accuracy(e0, "round1_mean")), "-"],
+  e0 = run.stage("eval").get(0)
+  rows = [["Base", "round 1 (mean), iteration 0",
+           pct_se(*accuracy(e0, "round1_mean_accuracy")), "-"],
           ["Majority", "majority vote, iteration 0",
            pct_se(*accuracy(e0, "majority_accuracy")), "-"],
           ["Debate", "debate, iteration 0", pct_se(*accuracy(e0, "debate_accuracy")), "-"]]
   for label, r in [*baselines.items(), (f"{run.name} (this run)", run)]:
     field, name = method_metric(r.config)
-    evals = {k: rec for (k, s), rec in latest(r.records).items() if s == "eval"}
-    cells = ["-", "-"]
-    scored = {k: accuracy(rec, field) for k, rec in evals.items()}
-    scored = {k: v for k, v in scored.items() if v[0] is not None}
-    if scored:
-      k_last = max(scored)
-      k_best = max(scored, key=lambda k: (scored[k][0], -k))   # earliest best
-      cells = [f"{pct_se(*scored[k_last])} (iteration {k_last})",
-               f"{pct_se(*scored[k_best])} (iteration {k_best})"]
-    rows.append([label, name, *cells])
+    rows.append([label, name, *_final_and_best(r, field, lambda pse: pct_se(*pse))])
   return ["method", "metric", "accuracy ± s.e. (final)", "best"], rows
 
 
 def data_rows(run: Run) -> Table:
   """Per-iteration selection counts (total (per agent)) and consensus accuracy."""
-  rows = []
-  for (k, stage), r in sorted(latest(run.records).items()):
-    if stage != "select":
-      continue
-    rows.append([str(k), str(r.get("mode", "-")), _total(r.get("d_g")), _total(r.get("d_c_minus")),
-                 _total(r.get("d_c_plus")), _total(r.get("d_c_kept")),
-                 pct(_num(r.get("consensus_accuracy")))])
+  rows = [[str(k), r.mode, _total(r.d_g), _total(r.d_c_minus), _total(r.d_c_plus),
+           _total(r.d_c_kept), pct(r.consensus_accuracy)]
+          for k, r in run.stage("select").items()]
   return ["iteration", "mode", "D^G", "D^C-", "D^C+", "kept", "consensus accuracy"], rows
 
 
@@ -397,20 +323,20 @@ def render(run: Run, baselines: Mapping[str, Run] = {}) -> str:
            f"MAFT run on task `{_task_name(run.config)}`: {shape}. Accuracies are on held-out "
            "problems; per agent: `G` = generators' round-1 accuracy, `C` = critics' "
            "final-round accuracy.", "", "## Per iteration", ""]
-  lines += _table(*iteration_rows(run, baselines))
+  lines += markdown(iteration_table(run, baselines))
   lines += ["", "## As in the paper's Table 1", "",
             "Accuracy ± its standard error on the n held-out problems: binomial, "
             "sqrt(p(1-p)/n); for a mean over generators, over problems of their per-problem "
             "mean. Base, Majority and "
             "Debate are this run's iteration 0; each other row is a run at its final and its "
             "best iteration.", ""]
-  lines += _table(*paper_rows(run, baselines))
+  lines += markdown(paper_rows(run, baselines))
   lines += ["", "## Baselines", ""]
-  lines += _table(*baseline_rows(run, baselines))
+  lines += markdown(baseline_rows(run, baselines))
   lines += ["", "## Data", "",
             "Selected finetuning examples per iteration: total (per agent).", ""]
-  header, rows = data_rows(run)
-  lines += _table(header, rows) if rows else ["No selection records yet."]
+  table = data_rows(run)
+  lines += markdown(table) if table[1] else ["No selection records yet."]
   lines += ["", "## Provenance", "",
             f"Run directory `{run.workdir}` (config.json, metrics.jsonl: "
             f"{len(run.records)} records); report written by "
@@ -435,6 +361,11 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float]):
   return fig, fig.subplots(nrows, ncols, squeeze=False)[0]
 
 
+def _series(run: Run, fn: Callable[[Eval], float | None]) -> dict[int, float]:
+  """iteration -> fn(its eval record), where fn gives a value."""
+  return {k: v for k, e in run.stage("eval").items() if (v := fn(e)) is not None}
+
+
 def _plot(ax, series: Mapping[int, float], scale: float = 1, **kw) -> None:
   """One line (with markers, so a single iteration shows) unless empty."""
   if series:
@@ -444,9 +375,7 @@ def _plot(ax, series: Mapping[int, float], scale: float = 1, **kw) -> None:
 
 def _band(ax, run: Run, field: str, color: str) -> None:
   """A shaded band of ± one standard error around an accuracy series."""
-  points = {k: accuracy(r, field) for (k, st), r in sorted(latest(run.records).items())
-            if st == "eval"}
-  points = {k: v for k, v in points.items() if v[0] is not None and v[1] is not None}
+  points = {k: accuracy(e, field) for k, e in run.stage("eval").items()}
   if points:
     xs = sorted(points)
     ax.fill_between(xs, [100 * (points[k][0] - points[k][1]) for k in xs],
@@ -460,37 +389,34 @@ def _integer_x(ax) -> None:
   ax.set_xlabel("iteration")
 
 
-def _agent_field(name: str, i: int) -> Callable[[Mapping], float | None]:
-  """record -> record[name][i] as a float, or None."""
-  def get(r: Mapping) -> float | None:
-    values = _nums(r.get(name)) or []
-    return values[i] if i < len(values) else None
-  return get
+def _field(name: str) -> Callable[[Eval], float]:
+  return lambda e: getattr(e, name)
 
 
 def plot_accuracy(run: Run, path: str, baselines: Mapping[str, Run] = {}) -> None:
   fig, (ax,) = _figure(1, 1, (7.5, 4.8))
-  n_gen = max((len(r["round1_accuracy"]) for r in run.records
-               if r["stage"] == "eval" and isinstance(r.get("round1_accuracy"), list)), default=0)
+  n_gen = max((len(e.round1_accuracy) for e in run.stage("eval").values()), default=0)
   for i in range(n_gen):
-    _plot(ax, _series(run, _agent_field("round1_accuracy", i)), scale=100, lw=0.8, alpha=0.5,
-          ms=2, label=f"generator {i} (round 1)")
-  _plot(ax, _series(run, round1_mean), scale=100, lw=1.8, color="C0",
+    _plot(ax, _series(run, lambda e, i=i: e.round1_accuracy[i] if i < len(e.round1_accuracy)
+                      else None), scale=100, lw=0.8, alpha=0.5, ms=2,
+          label=f"generator {i} (round 1)")
+  _plot(ax, _series(run, _field("round1_mean_accuracy")), scale=100, lw=1.8, color="C0",
         label="generators round 1 (mean)")
   _plot(ax, _series(run, _field("majority_accuracy")), scale=100, lw=1.5, color="C2",
         label="majority vote (round 1)")
   _plot(ax, _series(run, _field("debate_accuracy")), scale=100, lw=3, color="C3",
         label="debate (bands: ± 1 s.e.)")
-  for field, color in (("round1_mean", "C0"), ("majority_accuracy", "C2"),
+  for field, color in (("round1_mean_accuracy", "C0"), ("majority_accuracy", "C2"),
                        ("debate_accuracy", "C3")):
     _band(ax, run, field, color)
-  best0 = _num((latest(run.records).get((0, "eval")) or {}).get("best_of_n_accuracy"))
-  if best0 is not None:
-    ax.axhline(100 * best0, color="k", ls=":", lw=1.2, label="best-of-N, iteration 0")
+  e0 = run.stage("eval").get(0)
+  if e0 is not None:
+    ax.axhline(100 * e0.best_of_n_accuracy, color="k", ls=":", lw=1.2,
+               label="best-of-N, iteration 0")
   for j, (label, b) in enumerate(baselines.items()):
     color = f"C{4 + j % 6}"
-    _plot(ax, _series(b, round1_mean), scale=100, ls="--", lw=1, ms=3, color=color,
-          alpha=0.7, label=f"{label}: round 1 (mean)")
+    _plot(ax, _series(b, _field("round1_mean_accuracy")), scale=100, ls="--", lw=1, ms=3,
+          color=color, alpha=0.7, label=f"{label}: round 1 (mean)")
     _plot(ax, _series(b, _field("debate_accuracy")), scale=100, ls="--", lw=2, color=color,
           label=f"{label}: debate")
     _band(ax, b, method_metric(b.config)[0], color)
@@ -505,7 +431,7 @@ def plot_accuracy(run: Run, path: str, baselines: Mapping[str, Run] = {}) -> Non
 
 
 def plot_diversity(run: Run, path: str) -> None:
-  nll = _series(run, lambda r: offdiag_mean(r.get("cross_nll")))
+  nll = _series(run, lambda e: offdiag_mean(e.cross_nll))
   panels = [("distinct answers per problem", _series(run, _field("distinct_answers"))),
             ("3-gram overlap (round 1)", _series(run, _field("ngram_overlap")))]
   if nll:
@@ -554,25 +480,20 @@ def write(workdir: str, *, baselines: Mapping[str, str] = {}, out_dir: str | Non
   return paths
 
 
-def scalars(records: Iterable[dict]) -> list[tuple[str, float, int]]:
+def scalars(done: Iterable[Record]) -> list[tuple[str, float, int]]:
   """(tag, value, step=iteration) of every number in the records: fields as
-  `stage/field`, per-agent lists as `stage/field/agent_i`, plus
-  `eval/round1_accuracy_mean` and `eval/cross_nll_offdiag`."""
+  `stage/field`, per-agent lists as `stage/field/agent_i` (None entries
+  skipped), plus `eval/cross_nll_offdiag`."""
   out = []
-  for (k, stage), r in sorted(latest(records).items()):
-    for field, value in r.items():
-      if field in ("iteration", "stage"):
-        continue
-      if (v := _num(value)) is not None:
-        out.append((f"{stage}/{field}", v, k))
+  for (k, stage), data in sorted({(r.iteration, r.stage): r.data for r in done}.items()):
+    for field, value in dataclasses.asdict(data).items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out.append((f"{stage}/{field}", float(value), k))
       elif isinstance(value, list) and not any(isinstance(x, list) for x in value):
-        out += [(f"{stage}/{field}/agent_{i}", x, k)
-                for i, x in enumerate(_nums(value)) if x is not None]
-    if stage == "eval":
-      for tag, v in (("eval/round1_accuracy_mean", round1_mean(r)),
-                     ("eval/cross_nll_offdiag", offdiag_mean(r.get("cross_nll")))):
-        if v is not None:
-          out.append((tag, v, k))
+        out += [(f"{stage}/{field}/agent_{i}", float(x), k)
+                for i, x in enumerate(value) if x is not None]
+    if stage == "eval" and (v := offdiag_mean(data.cross_nll)) is not None:
+      out.append(("eval/cross_nll_offdiag", v, k))
   return out
 
 
@@ -587,7 +508,7 @@ def _remove_event_files(logdir: str) -> None:
       os.rmdir(root)
 
 
-def write_tensorboard(workdir: str, records: Iterable[dict], logdir: str | None = None,
+def write_tensorboard(workdir: str, done: Iterable[Record], logdir: str | None = None,
                       ) -> str | None:
   """Rewrite the event files under logdir (default workdir/tb) from the
   records, so that a resumed run never duplicates points. Returns logdir, or
@@ -599,7 +520,7 @@ def write_tensorboard(workdir: str, records: Iterable[dict], logdir: str | None 
                     "no TensorBoard events written")
     return None
   logdir = logdir or os.path.join(workdir, TB_DIR)
-  points = scalars(records)
+  points = scalars(done)
   _remove_event_files(logdir)
   writer = SummaryWriter(logdir)
   try:
@@ -608,31 +529,3 @@ def write_tensorboard(workdir: str, records: Iterable[dict], logdir: str | None 
   finally:
     writer.close()
   return logdir
-
-
-# ----------------------------------------------------------------------------- console
-
-def _pct_or_dash(x) -> str:
-  return "   -  " if x is None else f"{100 * x:5.1f}%"
-
-
-def _pct_se(record, field: str) -> str:
-  return pct_se(*accuracy(record, field))
-
-
-def console_table(records: Sequence[Mapping[str, Any]], generators: int) -> str:
-  """The per-iteration table printed after every iteration; accuracies carry
-  ± their standard error (percentage points)."""
-  evals = {r["iteration"]: r for r in records if r["stage"] == "eval"}
-  sel = {r["iteration"]: r for r in records if r["stage"] == "select"}
-  lines = [f"{'iter':>4}  {'agents (round 1)':<{7 * generators}}  {'mean':>12}  "
-           f"{'majority':>12}  {'debate':>12}  {'best-of-N':>12}  {'consensus':>9}  selected"]
-  for k in sorted(evals):
-    e = evals[k]
-    accs = e.get("round1_accuracy", [])
-    lines.append(
-        f"{k:>4}  {' '.join(_pct_or_dash(x) for x in accs):<{7 * generators}}  "
-        f"{_pct_se(e, 'round1_mean'):>12}  {_pct_se(e, 'majority_accuracy'):>12}  "
-        f"{_pct_se(e, 'debate_accuracy'):>12}  {_pct_se(e, 'best_of_n_accuracy'):>12}  "
-        f"{_pct_or_dash(e.get('consensus_rate')):>9}  {sel[k]['selected'] if k in sel else '-'}")
-  return "\n".join(lines)

@@ -26,6 +26,7 @@ import numpy as np
 
 from maft_jax import checks, model, sharding
 from maft_jax.model import ModelConfig, Params
+from maft_jax.sharding import LOCAL, Placement
 
 _NEG = -jnp.inf
 
@@ -213,16 +214,46 @@ jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "le
                                  meta_fields=[])
 
 
-# The decode loop reads the layer stack layer-major: the cache's k/v in the
-# decode state are [L, A, B, K, S, Dh] and `decode_weights` holds the layer
-# weights [L, A, ...]. The layer scan of an agent-vmapped step then takes
-# them as they lie (a vmapped scan wants its inputs' agent axis at 1), and
-# each layer's slice for every agent is one contiguous block. With [A, L, ...]
-# every step transposed all weights and the cache, and a strided slice is
-# copied before a matmul reads it (XLA's dynamic-slice fusion, which lets a
-# matmul read a slice in place, takes contiguous slices only).
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """Every agent's decode state: what `prefill` leaves and `decode` goes on
+  from (a pytree; R = B * num_samples rows, S cache slots).
+
+    k, v:     [L, A, R, K, S, Dh]  the KV cache, layer-major (below)
+    mask:     bool[A, R, S]        slots holding a token of the row
+    pos:      i32[A, R, S]         those tokens' positions
+    index:    i32[]                the next cache slot: one for every agent
+                                   and row (prompts are left-padded to one
+                                   length and every row steps in lockstep)
+    logits:   f32[A, R, V]         the next token's logits
+    next_pos: i32[A, R]            the next token's position
+
+  Layer-major: the decode loop reads the cache's k/v as [L, A, ...] and
+  `decode_weights` holds the layer weights [L, A, ...]. The layer scan of an
+  agent-vmapped step then takes them as they lie (a vmapped scan wants its
+  inputs' agent axis at 1), and each layer's slice for every agent is one
+  contiguous block. With [A, L, ...] every step transposed all weights and
+  the cache, and a strided slice is copied before a matmul reads it (XLA's
+  dynamic-slice fusion, which lets a matmul read a slice in place, takes
+  contiguous slices only)."""
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  pos: jax.Array
+  index: jax.Array
+  logits: jax.Array
+  next_pos: jax.Array
+
+  def cache(self) -> dict:
+    """The model's cache dict (`model.extend_hidden`), agent axis as above."""
+    return {"k": self.k, "v": self.v, "mask": self.mask, "pos": self.pos, "index": self.index}
+
+
+_STATE_FIELDS = [f.name for f in dataclasses.fields(DecodeState)]
+jax.tree_util.register_dataclass(DecodeState, data_fields=_STATE_FIELDS, meta_fields=[])
+# Where each leaf's agent axis is (vmap in/out axes); `index` has none.
 _KV_AXES = {"k": 1, "v": 1, "mask": 0, "pos": 0}
-STATE_AXES = {"cache": {**_KV_AXES, "index": 0}, "logits": 0, "next_pos": 0}
+STATE_AXES = DecodeState(**_KV_AXES, index=None, logits=0, next_pos=0)
 
 
 def decode_weights(pop: Params, cfg: ModelConfig) -> Params:
@@ -251,17 +282,17 @@ def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cach
                                 segment_ids_BxT=mask_BxT.astype(jnp.int32), cache_len=cache_len)
   logits = model.logits_from_hidden(params, hidden[:, -1:], cfg)[:, 0]
   rows = lambda x, axis: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
-  cache = {"k": rows(cache["k"], 1), "v": rows(cache["v"], 1), "mask": rows(cache["mask"], 0),
-           "pos": rows(cache["pos"], 0), "index": cache["index"]}
-  return {"cache": cache, "logits": rows(logits, 0), "next_pos": rows(positions[:, -1] + 1, 0)}
+  return DecodeState(k=rows(cache["k"], 1), v=rows(cache["v"], 1), mask=rows(cache["mask"], 0),
+                     pos=rows(cache["pos"], 0), index=cache["index"], logits=rows(logits, 0),
+                     next_pos=rows(positions[:, -1] + 1, 0))
 
 
-def _start_one(state, key, row_ids, *, max_new_tokens: int, pad_id: int):
+def _start_one(logits, next_pos, key, row_ids, *, max_new_tokens: int, pad_id: int):
   """One agent's loop state before the first step, and its rows' keys."""
   R, N = row_ids.shape[0], max_new_tokens
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
   return (jnp.full((R, N), pad_id, jnp.int32), jnp.zeros((R, N), jnp.float32),
-          jnp.zeros((R,), jnp.bool_), state["logits"], state["next_pos"]), row_keys
+          jnp.zeros((R,), jnp.bool_), logits, next_pos), row_keys
 
 
 def _step_one(params: Params, carry, cache, row_keys, step, *, cfg: ModelConfig, method, stops,
@@ -288,24 +319,23 @@ def _step_one(params: Params, carry, cache, row_keys, step, *, cfg: ModelConfig,
   return (tokens, logprobs, done, logits, pos + 1), entries
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples",
-                                             "spmd_axis_name"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples", "placement"))
 def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
-            num_samples: int = 1, spmd_axis_name: str | None = None):
-  """Decode state of every agent after reading the prompts (see `sample`);
-  its leaves have the agent axis where `STATE_AXES` says."""
+            num_samples: int = 1, placement: Placement = LOCAL):
+  """The `DecodeState` of every agent after reading the prompts (see `sample`)."""
   in_axis = 0 if prompts.ndim == 3 else None
   fn = functools.partial(_prefill_one, cfg=cfg, cache_len=cache_len, num_samples=num_samples)
-  return jax.vmap(fn, in_axes=(0, in_axis, in_axis), out_axes=STATE_AXES,
-                  spmd_axis_name=spmd_axis_name)(pop, prompts, prompt_mask)
+  with placement.tracing():
+    return jax.vmap(fn, in_axes=(0, in_axis, in_axis), out_axes=STATE_AXES,
+                    spmd_axis_name=placement.spmd_axis_name)(pop, prompts, prompt_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "stop_ids",
-                                             "pad_id", "spmd_axis_name"),
+                                             "pad_id", "placement"),
                    donate_argnames=("state",))
 def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
            max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-           spmd_axis_name: str | None = None) -> tuple[Samples, dict]:
+           placement: Placement = LOCAL) -> tuple[Samples, DecodeState]:
   """Decode every agent from `prefill`'s state. The state is donated and the
   final state returned, so the loop updates the cache in the donated buffers
   instead of copying them first.
@@ -314,24 +344,31 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   has stopped. (A vmapped per-agent loop would run just as many steps, since
   the agents run in lockstep, and would also select between the old and new
   cache of every agent on every step, reading and writing the whole cache.)
-  In the final state, agents that stopped early hold padding in the slots
-  after their stop; `index`, `next_pos` and `logits` are after the last step."""
+  In the final `DecodeState`, agents that stopped early hold padding in the
+  slots after their stop; `index`, `next_pos` and `logits` are after the
+  last step."""
+  with placement.tracing():
+    return _decode(pop, state, key, row_ids, cfg, method, max_new_tokens, stop_ids, pad_id,
+                   placement.spmd_axis_name)
+
+
+def _decode(pop, state: DecodeState, key, row_ids, cfg, method, max_new_tokens, stop_ids, pad_id,
+            spmd_axis_name):
   A = jax.tree.leaves(pop)[0].shape[0]
   N = max_new_tokens
   if row_ids is None:
-    row_ids = jnp.arange(state["logits"].shape[1])
+    row_ids = jnp.arange(state.logits.shape[1])
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(A))
   stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
   start = functools.partial(_start_one, max_new_tokens=N, pad_id=pad_id)
-  carry, row_keys = jax.vmap(start, in_axes=(STATE_AXES, 0, None),
-                             spmd_axis_name=spmd_axis_name)(state, keys, row_ids)
+  carry, row_keys = jax.vmap(start, in_axes=(0, 0, 0, None), spmd_axis_name=spmd_axis_name)(
+      state.logits, state.next_pos, keys, row_ids)
   weights = decode_weights(pop, cfg)
   step_all = jax.vmap(functools.partial(_step_one, cfg=cfg, method=method, stops=stops,
                                         pad_id=pad_id),
                       in_axes=(_weight_axes(weights), 0, {**_KV_AXES, "index": None}, 0, None),
                       out_axes=(0, _KV_AXES), spmd_axis_name=spmd_axis_name)
-  # Every agent's prompts were prefilled to the same slot: one index for all.
-  cache = {**state["cache"], "index": state["cache"]["index"][0]}
+  cache = state.cache()
 
   def cond(c):
     step, (_, _, done, *_), _ = c
@@ -347,13 +384,12 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
   is_stop = jnp.isin(tokens, stops)
   lengths = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1, N)
   samples = Samples(tokens, logprobs, lengths.astype(jnp.int32), jnp.full((A,), steps))
-  cache["index"] = jnp.full((A,), cache["index"])
-  return samples, {"cache": cache, "logits": logits, "next_pos": pos}
+  return samples, DecodeState(**cache, logits=logits, next_pos=pos)
 
 
 def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
            max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-           num_samples: int = 1, row_ids=None, spmd_axis_name: str | None = None) -> Samples:
+           num_samples: int = 1, row_ids=None, placement: Placement = LOCAL) -> Samples:
   """Sample every agent: one jitted prefill, then one jitted decode loop.
 
   prompts / prompt_mask: left-padded [B, T] shared by all agents, or [A, B, T]
@@ -362,16 +398,16 @@ def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
   a), row_ids[r]), t), so a row's samples depend only on the key, its agent
   slot and its row id (default: its index), never on the other agents or rows.
 
-  spmd_axis_name: the mesh axis the agent axis is split over (e.g. 'agent',
-  with that mesh current: `sharding.use_mesh`); None leaves placement to the
+  placement: the mesh, rules and agent axis (`sharding.Placement`; run under
+  its `context()`); the default splits nothing and leaves placement to the
   inputs' shardings.
   """
   T = prompts.shape[-1]
   state = prefill(pop, prompts, prompt_mask, cfg=cfg, cache_len=T + max_new_tokens,
-                  num_samples=num_samples, spmd_axis_name=spmd_axis_name)
+                  num_samples=num_samples, placement=placement)
   samples, _ = decode(pop, state, key, row_ids, cfg=cfg, method=method,
                       max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id,
-                      spmd_axis_name=spmd_axis_name)
+                      placement=placement)
   return samples
 
 

@@ -114,18 +114,20 @@ def cross_agent_weights(correct_AxB, nll_AxA_B, *, temperature: float = 1.0):
   return jnp.where(own, jnp.maximum(w, 1.0), w)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk", "spmd_axis_name"))
+@functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk", "placement"))
 def row_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512,
-            spmd_axis_name: str | None = None):
+            placement: sharding.Placement = sharding.LOCAL):
   """Per-row completion NLL sums f32[A_scorer, A_author, b] and token counts
   i32[A_scorer, A_author, b] of every author's rows (batches: dict of
   [A_author, b, T], SFT layout, one example per row) under every agent.
-  `spmd_axis_name`: the mesh axis the scorers are split over, as in
+  The scorers are split over `placement`'s agent axis, as in
   `finetune.train_step`."""
   def one_row(params, row):
     return finetune.token_nll(params, {k: v[None] for k, v in row.items()}, cfg, ce_chunk)
   per_author = jax.vmap(jax.vmap(one_row, in_axes=(None, 0)), in_axes=(None, 0))
-  return jax.vmap(per_author, in_axes=(0, None), spmd_axis_name=spmd_axis_name)(pop, batches)
+  with placement.tracing():
+    return jax.vmap(per_author, in_axes=(0, None),
+                    spmd_axis_name=placement.spmd_axis_name)(pop, batches)
 
 
 def scoring_rows(prompt_ids: Sequence[int], completion_ids: Sequence[int], seq_len: int,
@@ -150,7 +152,7 @@ def scoring_rows(prompt_ids: Sequence[int], completion_ids: Sequence[int], seq_l
 
 
 def text_nll(pop: Params, rows, *, cfg: ModelConfig, tokenizer, pad_id: int, max_len: int,
-             chunk: int, ce_chunk: int = 512, mesh=None, spmd_axis_name: str | None = None
+             chunk: int, ce_chunk: int = 512, placement: sharding.Placement = sharding.LOCAL
              ) -> tuple[np.ndarray, np.ndarray]:
   """Every agent's NLL of every author's responses: rows[author][b] =
   (messages, response) -> per-row NLL sums f32[A_scorer, A_author, b] and
@@ -177,10 +179,10 @@ def text_nll(pop: Params, rows, *, cfg: ModelConfig, tokenizer, pad_id: int, max
     part = [a[c:c + chunk] for a in encoded]
     pad = chunk - len(part[0])
     # [A_author, chunk, T]: every scorer reads every author's rows.
-    batch = {key: sharding.host_to_global(
+    batch = {key: placement.put(
         np.stack([np.stack([r[key] for r in a] + [empty[key]] * pad) for a in part]),
-        (None, "batch", "length"), mesh) for key in empty}
-    s, n = row_nll(pop, batch, cfg=cfg, ce_chunk=ce_chunk, spmd_axis_name=spmd_axis_name)
+        (None, "batch", "length")) for key in empty}
+    s, n = row_nll(pop, batch, cfg=cfg, ce_chunk=ce_chunk, placement=placement)
     sums.append(distributed.to_host(s)[..., :chunk - pad])
     counts.append(distributed.to_host(n)[..., :chunk - pad])
   return np.concatenate(sums, -1), np.concatenate(counts, -1)

@@ -3,7 +3,7 @@
     sel = selection.select(debate, problems, task, settings, critics=True,
                            tokenizer=tok, key=key)
     sel.rows[a]      # agent a's SFT rows ({"prompt_ids", "completion_ids", ...})
-    sel.summary      # sizes of the sets (the select stage's record)
+    sel.summary      # sizes of the sets (the select stage's record, `records.Select`)
     sel.decided      # per problem: the consensus key, its votes, whether it is right
 
 What the debate decided comes from `verdict` (the task's answer relation),
@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from maft_jax import checks, debate, scoring, verdict
+from maft_jax import checks, debate, records, scoring, verdict
 from maft_jax.tasks.base import Problem, Task
 
 MODES = ("paper", "ground_truth", "cross_agent", "star")
@@ -44,7 +44,7 @@ class Settings:
 
 class Selection(NamedTuple):
   rows: list[list[dict]]               # per trained agent, its SFT rows
-  summary: dict
+  summary: records.Select
   decided: dict                        # consensus.json
 
 
@@ -140,4 +140,4 @@ def select(d: debate.Debate, problems: Sequence[Problem], task: Task, settings: 
     summary["d_g"] = first_true.sum(1).tolist()
     summary["cross_copies"] = copies
   summary["selected"] = [len(r) for r in rows]
-  return Selection(rows, summary, decided)
+  return Selection(rows, records.Select(**summary), decided)

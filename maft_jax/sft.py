@@ -123,22 +123,22 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
         settings: Settings, pad_id: int, workdir: str | None = None,
         run_id: Mapping[str, Any] | None = None, progress: bool = True,
         log: Callable[[str], None] = logging.info,
-        spmd_axis_name: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Result:
+        placement: sharding.Placement = sharding.LOCAL) -> Result:
   """Train agent a on examples[a]; see the module docstring. `pop` is donated.
 
   `run_id`: what else a resumed run must share with the saved one (e.g. the
   data files), checked together with the settings and step counts.
-  `spmd_axis_name`: the mesh axis the agent axis is split over (that mesh
-  current), as in `finetune.train_step`. `mesh`: place each batch on it by
-  the rule table; each process builds only the rows its devices hold
-  (`sharding.addressable_rows`), and each device receives only its own.
+  `placement`: the agent axis split over its mesh (that mesh current), as in
+  `finetune.train_step`; each batch is placed by its rule table, each process
+  builds only the rows its devices hold (`Placement.rows`), and each device
+  receives only its own.
   """
   s = settings
   A = population.num_agents(pop)
   if len(examples) != A:
     raise ValueError(f"{len(examples)} example lists for a population of {A} agents")
   shape = (A, s.grad_accum, s.batch_size, s.seq_len)
-  held = sharding.addressable_rows(shape, BATCH_AXES, mesh, per=0, along=2)
+  held = placement.rows(shape, BATCH_AXES, per=0, along=2)
   its = _pipelines(examples, s, pad_id, held)
   counts = [it[0].num_batches() if it else 0 for it in its]
   total_steps = [-(-c // s.grad_accum) for c in counts]
@@ -209,10 +209,10 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   try:
     for step in range(start, num_steps):
       micro = [[next_micro(pipes) for _ in range(s.grad_accum)] for pipes in its]
-      batch = {k: sharding.assemble(shape, BATCH_AXES, mesh, functools.partial(fetch, micro, k))
+      batch = {k: placement.assemble(shape, BATCH_AXES, functools.partial(fetch, micro, k))
                for k in BATCH_KEYS}
       state, metrics = finetune.train_step(state, batch, base, cfg=cfg, h=s.hyper,
-                                           lora_scale=scale, spmd_axis_name=spmd_axis_name)
+                                           lora_scale=scale, placement=placement)
       metrics = {k: distributed.to_host(v) for k, v in metrics.items()}
       finetune.check_finite(metrics, step)
       tokens_done += int(metrics["tokens"].sum())

@@ -10,6 +10,9 @@ and odd head counts still shard.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -150,15 +153,17 @@ def state_shardings(state_shapes, param_axes_tree, mesh: Mesh, rules=DEFAULT_RUL
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def constrain_state(state, param_axes_tree, rules=DEFAULT_RULES):
-  """Inside jit, under `use_mesh`: pin every leaf of a train state (or a
-  population) to the rule table's layout, so that a step's outputs stay where
-  its inputs were put instead of wherever the partitioner finds convenient.
-  Without a current mesh it returns `state` unchanged."""
+def constrain_state(state, param_axes_tree, rules=None):
+  """Inside jit, under a current mesh (`Placement.context`): pin every leaf
+  of a train state (or a population) to the rule table's layout, so that a
+  step's outputs stay where its inputs were put instead of wherever the
+  partitioner finds convenient.
+  Without a current mesh it returns `state` unchanged. `rules`: default, the
+  tracing placement's (`Placement.tracing`)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return state
-  specs = state_specs(state, param_axes_tree, mesh, rules)
+  specs = state_specs(state, param_axes_tree, mesh, rules or _RULES.get())
   return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
@@ -167,7 +172,8 @@ def _bounded(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[slice, ...
 
 
 def assemble(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None,
-             fetch: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array | np.ndarray:
+             fetch: Callable[[tuple[slice, ...]], np.ndarray], rules=DEFAULT_RULES
+             ) -> jax.Array | np.ndarray:
   """A global array placed by the rule table for its logical `axes`, built
   from `fetch(index)`: the host values at `index` (one slice per dimension,
   with explicit bounds and step 1). `fetch` is asked only for the pieces this
@@ -176,36 +182,39 @@ def assemble(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None
   shape = tuple(shape)
   if mesh is None:
     return fetch(tuple(slice(0, d, 1) for d in shape))
-  spec = logical_to_spec(axes, shape, mesh)
+  spec = logical_to_spec(axes, shape, mesh, rules)
   return jax.make_array_from_callback(shape, NamedSharding(mesh, spec),
                                       lambda index: fetch(_bounded(index, shape)))
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
-  """Inside jit, under `use_mesh`: pin an activation to the rule table's layout
-  for its logical `axes` (inside `vmap(spmd_axis_name=...)` the agent axis is
-  added by vmap). Only the dims the table splits are pinned; the others are
+def constrain(x: jax.Array, axes: Sequence[str | None], rules=None) -> jax.Array:
+  """Inside jit, under a current mesh (`Placement.context`): pin an
+  activation to the rule table's layout for its logical `axes` (inside
+  `vmap(spmd_axis_name=...)` the agent axis is added by vmap). Only the dims the table splits are pinned; the others are
   left to the partitioner (forcing them whole costs memory where a batch
   cannot be split: the CPU compiler's plan for Llama-3-8B on 64 devices grew
-  from 34 to 47 GB). Without a current mesh it returns `x` unchanged."""
+  from 34 to 47 GB). Without a current mesh it returns `x` unchanged.
+  `rules`: default, the tracing placement's (`Placement.tracing`)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  spec = logical_to_spec(axes, x.shape, mesh, rules)
+  spec = logical_to_spec(axes, x.shape, mesh, rules or _RULES.get())
   free = PartitionSpec.UNCONSTRAINED
   return jax.lax.with_sharding_constraint(
       x, PartitionSpec(*(free if s is None else s for s in spec)))
 
 
-def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+def host_to_global(x: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None,
+                   rules=DEFAULT_RULES) -> jax.Array:
   """`assemble` from a host array that every process holds whole: each device
   receives only its own slice (no process sends rows to devices it does not
   own, nor a whole batch to every device)."""
-  return assemble(x.shape, axes, mesh, lambda index: x[index])
+  return assemble(x.shape, axes, mesh, lambda index: x[index], rules)
 
 
 def addressable_rows(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | None, *,
-                     per: int, along: int, devices=None) -> list[list[tuple[int, int]]]:
+                     per: int, along: int, devices=None, rules=DEFAULT_RULES
+                     ) -> list[list[tuple[int, int]]]:
   """For each index `i` of dimension `per`, the disjoint sorted intervals
   [lo, hi) of dimension `along` that this process's devices (or `devices`)
   hold of an array of `shape` placed by the rule table for `axes` ([] where
@@ -215,7 +224,7 @@ def addressable_rows(shape: Sequence[int], axes: Sequence[str | None], mesh: Mes
   shape = tuple(shape)
   if mesh is None:
     return [[(0, shape[along])] for _ in range(shape[per])]
-  spec = logical_to_spec(axes, shape, mesh)
+  spec = logical_to_spec(axes, shape, mesh, rules)
   mine = set(devices) if devices is not None else None
   held: list[set[tuple[int, int]]] = [set() for _ in range(shape[per])]
   for device, index in NamedSharding(mesh, spec).devices_indices_map(shape).items():
@@ -241,4 +250,66 @@ def use_mesh(mesh: Mesh):
   if hasattr(jax, "set_mesh"):
     return jax.set_mesh(mesh)
   return mesh
+
+
+# The rule table that `constrain` applies while a program is traced.
+_RULES: contextvars.ContextVar = contextvars.ContextVar("rules", default=DEFAULT_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a population, its batches and its programs live: a mesh (None:
+  this process's first device, nothing split), the rule table mapping logical
+  axes onto it, and the mesh axis the population's agent axis is split over.
+
+  One value for a whole run, hashable, so the jitted programs take it as a
+  static argument (`placement=`): their vmap splits the agent axis over
+  `agent_axis` and their activations follow `rules`. Run them under
+  `placement.context()`, which makes the mesh current."""
+  mesh: Mesh | None = None
+  rules: tuple = DEFAULT_RULES
+  agent_axis: str = "agent"
+
+  @property
+  def spmd_axis_name(self) -> str | None:
+    """vmap's `spmd_axis_name` for the agent axis (None without a mesh)."""
+    return self.agent_axis if self.mesh is not None else None
+
+  def context(self):
+    """Make the mesh current (a no-op without one)."""
+    return use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  @contextlib.contextmanager
+  def tracing(self):
+    """While a jitted program traces: `constrain` uses this placement's rules."""
+    token = _RULES.set(self.rules)
+    try:
+      yield
+    finally:
+      _RULES.reset(token)
+
+  def spec(self, axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    return logical_to_spec(axes, shape, self.mesh, self.rules)
+
+  def shardings(self, axes_tree, shapes_tree):
+    """NamedShardings of every leaf (the mesh is required)."""
+    return shardings(axes_tree, shapes_tree, self.mesh, self.rules)
+
+  def state_shardings(self, state_shapes, param_axes_tree):
+    return state_shardings(state_shapes, param_axes_tree, self.mesh, self.rules)
+
+  def put(self, x: np.ndarray, axes: Sequence[str | None]):
+    """`host_to_global`: a host array every process holds whole, placed."""
+    return host_to_global(x, axes, self.mesh, self.rules)
+
+  def assemble(self, shape, axes, fetch):
+    return assemble(shape, axes, self.mesh, fetch, self.rules)
+
+  def rows(self, shape, axes, *, per: int, along: int, devices=None):
+    """`addressable_rows` of an array placed here."""
+    return addressable_rows(shape, axes, self.mesh, per=per, along=along, devices=devices,
+                            rules=self.rules)
+
+
+LOCAL = Placement()  # no mesh: one device, the agent axis not split
 

@@ -2,7 +2,7 @@
 
     src = source.describe("hf", path, dtype="bfloat16")   # reads no weights
     src.cfg, src.tokenizer(), src.agents
-    pop = source.load(src, agents=6, mesh=mesh)          # [6, ...] leaves on the mesh
+    pop = source.load(src, 6, placement)                 # [6, ...] leaves on its mesh
 
 A source is a HF model directory (one agent) or a population checkpoint
 (`checkpoint.save_population`: one agent or several). `load` gives `agents`
@@ -69,19 +69,21 @@ def describe(kind: str, path: str, *, dtype: str = "bfloat16", param_dtype: str 
   raise SourceError(f"{path}: source kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
-def _copies(params: Params, num: int, cfg: ModelConfig, mesh) -> Params:
+def _copies(params: Params, num: int, cfg: ModelConfig, placement: sharding.Placement) -> Params:
   """`num` copies of one agent's (host) params: on a mesh, each device gets
   its shard of a broadcast view; without one, whole on the default device."""
   def one(x, axes):
     full = np.broadcast_to(np.asarray(x)[None], (num,) + tuple(x.shape))  # a view
-    return sharding.host_to_global(full, axes, mesh) if mesh is not None else jnp.asarray(full)
+    return placement.put(full, axes) if placement.mesh is not None else jnp.asarray(full)
   return jax.tree.map(one, params, population.axes(cfg))
 
 
-def load(src: Source, agents: int | None = None, mesh: jax.sharding.Mesh | None = None
-         ) -> Params:
+def load(src: Source, agents: int | None = None,
+         placement: sharding.Placement = sharding.LOCAL) -> Params:
   """`agents` agents from `src` (default: as many as it stores), placed on
-  `mesh` by the rule table (without one: on this process's first device)."""
+  `placement`'s mesh by its rule table (without one: on this process's first
+  device)."""
+  mesh = placement.mesh
   want = agents or src.agents
   if src.agents > 1 and want > src.agents:
     raise SourceError(f"{src.path}: the checkpoint has {src.agents} agents; {want} asked for "
@@ -93,12 +95,12 @@ def load(src: Source, agents: int | None = None, mesh: jax.sharding.Mesh | None 
   if src.kind == "hf":
     m = hf.load(src.path, dtype=src.cfg.dtype, param_dtype=src.cfg.param_dtype,
                 remat=src.cfg.remat)
-    return _copies(m.params, want, src.cfg, mesh)
+    return _copies(m.params, want, src.cfg, placement)
   overrides = dict(dtype=src.cfg.dtype, param_dtype=src.cfg.param_dtype, remat=src.cfg.remat)
   if src.agents == 1:  # read onto a local device, then copied onto the mesh
     pop, _ = checkpoint.load_population(src.path, **overrides)
     one = jax.tree.map(np.asarray, population.select(pop, 0))
     del pop
-    return _copies(one, want, src.cfg, mesh)
-  pop, _ = checkpoint.load_population(src.path, mesh=mesh, **overrides)
+    return _copies(one, want, src.cfg, placement)
+  pop, _ = checkpoint.load_population(src.path, placement=placement, **overrides)
   return jax.tree.map(lambda x: x[:want], pop) if want < src.agents else pop

@@ -30,16 +30,11 @@ import jax
 import numpy as np
 
 from maft_jax import (checkpoint, config, debate as debates, distributed, files, generation,
-                      metrics, population, scoring, selection, sft, sharding, source)
+                      metrics, population, records, scoring, selection, sft, sharding, source)
 from maft_jax.model import Params
 from maft_jax.tasks import Problem, Task
 
 NAMES = ("debate", "select", "finetune", "eval")
-# Programs map the population's agent axis onto this mesh axis (vmap's
-# spmd_axis_name), under `sharding.use_mesh(env.mesh)`.
-AGENT_AXIS = "agent"
-
-
 def stage_seed(seed: int, iteration: int, stage: str) -> int:
   """The stage's seed, derived from (seed, iteration, stage) alone. Kept below
   2^20 so that the samplers' seed arithmetic stays inside int32."""
@@ -62,9 +57,11 @@ class Env:
     self.plan, self.workdir, self.base, self.log = plan, workdir, base, log
     self.cfg = base.cfg
     self.tokenizer = base.tokenizer()
-    self.mesh = sharding.make_mesh(plan.mesh)
+    # The agent axis split over the mesh's 'agent' axis; programs run under
+    # `placement.context()`.
+    self.placement = sharding.Placement(sharding.make_mesh(plan.mesh))
     self.gen = generation.Generator(self.cfg, self.tokenizer, progress=progress, log=log,
-                                    spmd_axis_name=AGENT_AXIS, mesh=self.mesh)
+                                    placement=self.placement)
     self.progress = progress
     self._task: Task | None = None
     self._split = None
@@ -88,7 +85,7 @@ class Env:
 
   def load_base(self) -> Params:
     """The base population: A copies of the base (or a checkpoint's A agents) on the mesh."""
-    return source.load(self.base, self.plan.num_agents, self.mesh)
+    return source.load(self.base, self.plan.num_agents, self.placement)
 
   def row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
     """`scoring.text_nll` of rows[author][b] = (messages, response), in
@@ -96,8 +93,8 @@ class Env:
     return scoring.text_nll(pop, rows, cfg=self.cfg, tokenizer=self.tokenizer,
                             pad_id=self.gen.pad_id, max_len=self.plan.finetune.sft.seq_len,
                             chunk=self.plan.eval.nll_batch,
-                            ce_chunk=self.plan.finetune.sft.hyper.ce_chunk, mesh=self.mesh,
-                            spmd_axis_name=AGENT_AXIS)
+                            ce_chunk=self.plan.finetune.sft.hyper.ce_chunk,
+                            placement=self.placement)
 
 
 # ----------------------------------------------------------------------------- records
@@ -144,7 +141,7 @@ def run_debate(env: Env, pop: Params, problems: Sequence[Problem], *, rounds: in
                      summarize=env.plan.debate.summarize)
 
 
-def debate(env: Env, k: int, pop: Params, out: str) -> dict:
+def debate(env: Env, k: int, pop: Params, out: str) -> records.Debate:
   """The training debate of iteration k (STaR: with its rationalisations)."""
   p = env.plan
   problems = env.problems("train")
@@ -159,10 +156,11 @@ def debate(env: Env, k: int, pop: Params, out: str) -> dict:
                             options=p.debate.options, seed=seed)
   if distributed.is_primary():
     write_debate(os.path.join(out, "debate.json"), problems, d)
-  return {"problems": len(problems), "responses": sum(len(s) for r in d.texts for s in r)}
+  return records.Debate(problems=len(problems),
+                        responses=sum(len(s) for r in d.texts for s in r))
 
 
-def select(env: Env, k: int, pop: Params | None, out: str) -> dict:
+def select(env: Env, k: int, pop: Params | None, out: str) -> records.Select:
   """Each agent's rows from iteration k's debate (`selection.select`); `pop`
   (cross_agent only) scores them."""
   p = env.plan
@@ -180,7 +178,7 @@ def select(env: Env, k: int, pop: Params | None, out: str) -> dict:
   return sel.summary
 
 
-def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[dict, Params]:
+def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune, Params]:
   """Every agent trained on its rows of iteration k (finetune.init=base: from
   the base, on its rows of iterations 1..k); returns the new population."""
   p = env.plan
@@ -198,18 +196,18 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[dict, Params]:
   state_dir = finetune_state_dir(env.workdir, k)
   result = sft.run(pop, examples, cfg=env.cfg, settings=settings, pad_id=env.gen.pad_id,
                    workdir=state_dir, run_id={"iteration": k}, progress=env.progress,
-                   log=env.log, spmd_axis_name=AGENT_AXIS, mesh=env.mesh)
+                   log=env.log, placement=env.placement)
   params = result.params
   if p.agents.shared:  # copies of the one trained model, on the mesh by the rule table
-    layout = sharding.shardings(population.axes(env.cfg),
-                                population.shapes(env.cfg, p.num_agents), env.mesh)
+    layout = env.placement.shardings(population.axes(env.cfg),
+                                     population.shapes(env.cfg, p.num_agents))
     params = jax.jit(lambda one: population.replicate(population.select(one, 0), p.num_agents),
                      out_shardings=layout)(params)
   checkpoint.save_population(os.path.join(out, "population"), params, cfg=env.cfg,
                              hf_config=env.base.hf_config, source_dtype=env.base.source_dtype,
                              tokenizer_from=env.base.tokenizer_dir)
-  return {"examples": result.examples, "steps": result.steps, "final_loss": result.final_loss,
-          "tokens": result.tokens}, params
+  return records.Finetune(examples=result.examples, steps=result.steps,
+                          final_loss=result.final_loss, tokens=result.tokens), params
 
 
 def eval_debate(env: Env, pop: Params, *, seed: int
@@ -217,7 +215,7 @@ def eval_debate(env: Env, pop: Params, *, seed: int
   """Debate on the held-out problems and its metrics (also `launch.evaluate`)."""
   p = env.plan
   problems = env.problems("test")
-  with sharding.use_mesh(env.mesh):
+  with env.placement.context():
     d = run_debate(env, pop, problems, rounds=p.eval.rounds, options=p.eval.options, seed=seed)
     result = metrics.evaluate(d, env.task, problems, jax.random.key(seed))
     result["problems"] = len(problems)
@@ -232,9 +230,9 @@ def eval_debate(env: Env, pop: Params, *, seed: int
   return result, d, problems
 
 
-def evaluate(env: Env, k: int, pop: Params, out: str) -> dict:
+def evaluate(env: Env, k: int, pop: Params, out: str) -> records.Eval:
   """The held-out evaluation of the population after iteration k."""
   result, d, problems = eval_debate(env, pop, seed=eval_seed(env.plan.seed))
   if distributed.is_primary():
     write_debate(os.path.join(out, "debate.json"), problems, d)
-  return result
+  return records.Eval(**result)

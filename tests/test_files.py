@@ -40,5 +40,5 @@ def test_readers_name_the_file_and_line(tmp_path):
   with pytest.raises(files.FileError, match=r"cut\.json: not valid JSON .*damaged"):
     files.read_json(str(tmp_path / "cut.json"))
   (tmp_path / "r.jsonl").write_text(json.dumps({"a": 1}) + "\n\n{oops\n")
-  with pytest.raises(files.FileError, match=r"r\.jsonl:3: not valid JSON"):
+  with pytest.raises(files.FileError, match=r"r\.jsonl:3: malformed record \(not valid JSON"):
     list(files.read_jsonl(str(tmp_path / "r.jsonl")))

@@ -148,3 +148,33 @@ def test_every_shipped_config_validates(tmp_path, monkeypatch):
     c = paper.get_config("model=phi3,task=gsm8k")
     c.model.path = str(model_dir)
     config.validate(c)
+
+
+def test_stage_records_round_trip_and_damaged_or_foreign_ones_are_named(tmp_path):
+  """A committed stage reads back as the record it wrote; a summary.json of
+  another record version, cut short, or missing a field is an error naming
+  the file (never silently read as a different record)."""
+  import json
+  import os
+
+  from maft_jax import loop, records
+  data = records.Finetune(examples=[3, 0], steps=[2, 0], final_loss=[0.5, None], tokens=40)
+  stage = loop.Stage(str(tmp_path), 1, "finetune")
+  stage.begin()
+  stage.commit(data, seconds=2.5)
+  got = stage.record(1, "finetune")
+  assert got == records.Record(1, "finetune", 2.5, data)
+  assert records.parse(records.to_line(got), "x") == got
+  path = os.path.join(stage.dir, "summary.json")
+  raw = json.loads(open(path).read())
+  for damaged, message in [(dict(raw, version=0), "record format version 0"),
+                           ({k: v for k, v in raw.items() if k != "steps"}, "has no 'steps'"),
+                           (dict(raw, tokens=1.5), "'tokens' must be int")]:
+    with open(path, "w") as f:
+      json.dump(damaged, f)
+    with pytest.raises(config.ConfigError, match=f"{path}: .*{message}"):
+      stage.record(1, "finetune")
+  with open(path, "w") as f:
+    f.write(json.dumps(raw)[:20])
+  with pytest.raises(config.ConfigError, match=f"{path}: not valid JSON"):
+    stage.record(1, "finetune")

@@ -16,7 +16,7 @@ CFG = model.ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num
 
 # Jitted once per config: eager op-by-op dispatch is far slower on CPU.
 fwd = jax.jit(model.forward, static_argnames=("cfg",))
-pop_fwd = jax.jit(population.forward, static_argnames=("cfg", "spmd_axis_name"))
+pop_fwd = jax.jit(population.forward, static_argnames=("cfg", "placement"))
 
 
 def _tokens(B=4, T=10, seed=0):
@@ -111,9 +111,10 @@ def test_sharded_forward_on_8_devices_matches_single_device():
     placed = jax.device_put(pop, shards)
     batch = sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"),
                                                                   tokens.shape, mesh))
+    placement = sharding.Placement(mesh)
     fn = jax.jit(lambda p, t, s: population.forward(p, t, cfg=CFG, segment_ids=s,
-                                                    spmd_axis_name="agent"))
-    with sharding.use_mesh(mesh):
+                                                    placement=placement))
+    with placement.context():
       out = fn(placed, jax.device_put(tokens, batch), jax.device_put(seg, batch))
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
   # The rule table decides placement: agents on 'agent', D on 'fsdp', heads on 'tensor'.

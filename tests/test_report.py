@@ -26,36 +26,59 @@ def _cross_nll(offdiag_row0: float, offdiag: float) -> list[list[float]]:
           for i in range(A)]
 
 
-def _eval(k, round1, final, debate, **extra):
-  return {"iteration": k, "stage": "eval", "round1_accuracy": round1, "final_accuracy": final,
-          "debate_accuracy": debate, "problems": 100, "seconds": 1.5, **extra}
+def _bse(p, n=100):
+  return (p * (1 - p) / n) ** 0.5
+
+
+def _eval(k, round1, final, debate, *, majority=0.3, best=0.6, consensus=0.7, distinct=1.5,
+          overlap=0.2, cross_nll=None):
+  """A whole eval record (binomial errors over 100 problems)."""
+  mean = sum(round1) / len(round1)
+  r = {"version": 1, "iteration": k, "stage": "eval", "seconds": 1.5, "problems": 100,
+       "round1_mean_accuracy": mean, "round1_mean_accuracy_se": _bse(mean),
+       "round1_accuracy": round1, "round1_accuracy_se": [_bse(p) for p in round1],
+       "final_accuracy": final, "final_accuracy_se": [_bse(p) for p in final],
+       "debate_accuracy": debate, "debate_accuracy_se": _bse(debate),
+       "majority_accuracy": majority, "majority_accuracy_se": _bse(majority),
+       "best_of_n_accuracy": best, "best_of_n_accuracy_se": _bse(best),
+       "consensus_rate": consensus, "distinct_answers": distinct, "ngram_overlap": overlap}
+  if cross_nll is not None:
+    r.update(cross_nll=cross_nll, cross_nll_problems=20)
+  return r
 
 
 def _select(k, selected, d_g, d_c_minus, d_c_plus, d_c_kept, consensus):
-  return {"iteration": k, "stage": "select", "mode": "paper", "selected": selected, "d_g": d_g,
-          "d_c_minus": d_c_minus, "d_c_plus": d_c_plus, "d_c_kept": d_c_kept,
-          "consensus_accuracy": consensus, "seconds": 0.1}
+  return {"version": 1, "iteration": k, "stage": "select", "mode": "paper", "problems": 50,
+          "selected": selected, "d_g": d_g, "d_c_minus": d_c_minus, "d_c_plus": d_c_plus,
+          "d_c_kept": d_c_kept, "consensus_accuracy": consensus, "consensus_rate": 0.9,
+          "seconds": 0.1}
+
+
+def _debate(k, responses):
+  return {"version": 1, "iteration": k, "stage": "debate", "problems": 50,
+          "responses": responses, "seconds": 3.0}
+
+
+def _finetune(k, final_loss):
+  return {"version": 1, "iteration": k, "stage": "finetune", "examples": [12, 10, 9, 8, 7, 6],
+          "steps": [3, 3, 3, 2, 2, 2], "final_loss": final_loss, "tokens": 5000, "seconds": 9.0}
 
 
 RECORDS = [
-    _eval(0, [0.40, 0.42, 0.44], [0.50, 0.48, 0.47], 0.46, majority_accuracy=0.44,
-          best_of_n_accuracy=0.70, consensus_rate=0.80, distinct_answers=1.75,
-          ngram_overlap=0.3, cross_nll=_cross_nll(2.5, 2.5)),
-    {"iteration": 1, "stage": "debate", "problems": 50, "tokens": 1000, "seconds": 3.0},
+    _eval(0, [0.40, 0.42, 0.44], [0.50, 0.48, 0.47], 0.46, majority=0.44, best=0.70,
+          consensus=0.80, distinct=1.75, overlap=0.3, cross_nll=_cross_nll(2.5, 2.5)),
+    _debate(1, 1000),
     _select(1, [12, 10, 9, 8, 7, 6], [4, 5, 6], [1, 2, 3], [3, 2, 1], [2, 2, 2], 0.75),
-    {"iteration": 1, "stage": "finetune", "examples": [12, 10, 9, 8, 7, 6],
-     "steps": [3, 3, 3, 2, 2, 2], "final_loss": [0.5, None, 0.7, 0.9, 1.1, 1.3],
-     "tokens": 5000, "seconds": 9.0},
+    _finetune(1, [0.5, None, 0.7, 0.9, 1.1, 1.3]),
     # Logged before a crash, then again after the resume: the later one counts.
     _eval(1, [0.10, 0.10, 0.10], [0.10, 0.10, 0.10], 0.10),
-    _eval(1, [0.45, 0.47, 0.52], [0.55, 0.50, 0.51], 0.52, majority_accuracy=0.50,
-          consensus_rate=0.85),                    # older run: several fields missing
-    {"iteration": 2, "stage": "debate", "problems": 50, "tokens": 900, "seconds": 3.0},
+    _eval(1, [0.45, 0.47, 0.52], [0.55, 0.50, 0.51], 0.52, majority=0.50, best=0.65,
+          consensus=0.85),                         # no cross-agent NLL computed
+    _debate(2, 900),
     _select(2, [11, 11, 11, 5, 5, 5], [7, 8, 9], [0, 1, 0], [2, 2, 2], [1, 1, 1], 0.8),
-    {"iteration": 2, "stage": "finetune", "final_loss": [0.2, 0.2, 0.2, 0.4, 0.4, 0.4]},
-    _eval(2, [0.50, 0.51, 0.53], [0.56, 0.57, 0.58], 0.55, majority_accuracy=0.53,
-          best_of_n_accuracy=0.75, consensus_rate=0.9, distinct_answers=1.25,
-          ngram_overlap=0.45, cross_nll=_cross_nll(3.6, 3.0)),
+    _finetune(2, [0.2, 0.2, 0.2, 0.4, 0.4, 0.4]),
+    _eval(2, [0.50, 0.51, 0.53], [0.56, 0.57, 0.58], 0.55, majority=0.53, best=0.75,
+          consensus=0.9, distinct=1.25, overlap=0.45, cross_nll=_cross_nll(3.6, 3.0)),
 ]
 
 BASELINE_RECORDS = [_eval(0, [0.40], [0.40], 0.40), _eval(1, [0.47], [0.47], 0.46),
@@ -124,17 +147,17 @@ def test_report_tables(run_dir, baseline_dir, tmp_path):
   rows = {r["iteration"]: r for r in _table(text, "Per iteration")}
   assert list(rows) == ["0", "1", "2"]
   r0, r1, r2 = rows["0"], rows["1"], rows["2"]
-  assert r0["generators round 1 (mean)"] == _se(0.42, 100)   # no round1_mean_accuracy: binomial over problems
+  assert r0["generators round 1 (mean)"] == _se(0.42, 100)
   assert r0["per agent"] == "G .40 .42 .44 / C .50 .48 .47"
   assert r0["debate"] == _se(0.46, 100) and r0["majority vote (round 1)"] == _se(0.44, 100)
   assert r0["best-of-N"] == _se(0.70, 100) and r0["consensus"] == "80.0%"
   assert r0["distinct answers"] == "1.75" and r0["3-gram overlap"] == "0.300"
   assert r0["cross NLL (off-diag)"] == "2.500"
   assert r0["selected examples"] == "-" and r0["finetune loss (mean)"] == "-"
-  # Iteration 1: the resumed record wins; missing fields are "-"; null loss skipped.
+  # Iteration 1: the resumed record wins; no cross NLL is "-"; null loss skipped.
   assert r1["generators round 1 (mean)"] == _se(0.48, 100) and r1["debate"] == _se(0.52, 100)
   assert r1["per agent"] == "G .45 .47 .52 / C .55 .50 .51"
-  assert r1["best-of-N"] == "-" and r1["3-gram overlap"] == "-"
+  assert r1["best-of-N"] == _se(0.65, 100) and r1["3-gram overlap"] == "0.200"
   assert r1["cross NLL (off-diag)"] == "-"
   assert r1["selected examples"] == "G 12 10 9 / C 8 7 6"
   assert r1["finetune loss (mean)"] == "0.9000"
@@ -142,6 +165,7 @@ def test_report_tables(run_dir, baseline_dir, tmp_path):
   assert r2["generators round 1 (mean)"] == _se((0.50 + 0.51 + 0.53) / 3, 100)
   assert r2["cross NLL (off-diag)"] == "3.100"           # (5 * 3.6 + 25 * 3.0) / 30
   assert r2["finetune loss (mean)"] == "0.3000"
+  assert r2["consensus"] == "90.0%" and r2["distinct answers"] == "1.25"
   assert r2["selected examples"] == "G 11 11 11 / C 5 5 5"
   assert [rows[k]["single-agent FT: debate"] for k in "012"] == [
       _se(p, 100) for p in (0.40, 0.46, 0.44)]
@@ -190,7 +214,7 @@ def test_report_with_only_iteration_0(tmp_path):
   assert text.startswith("# fresh: arithmetic\n")
   (row,) = _table(text, "Per iteration")
   assert row["generators round 1 (mean)"] == _se(0.375, 100) and row["per agent"] == "G .25 .50"
-  assert row["majority vote (round 1)"] == "-" and row["cross NLL (off-diag)"] == "-"
+  assert row["majority vote (round 1)"] == _se(0.3, 100) and row["cross NLL (off-diag)"] == "-"
   assert "No selection records yet." in text
 
 
@@ -204,11 +228,33 @@ def test_read_run_errors(tmp_path):
   path = os.path.join(workdir, "metrics.jsonl")
   with open(path, "a") as f:
     f.write('{"iteration": 1, "stage": "eval", "round1_acc\n')
-  with pytest.raises(report.ReportError, match=f"^{path}:2: malformed JSON"):
+  with pytest.raises(report.ReportError, match=f"^{path}:2: malformed record \\(not valid JSON"):
     report.read_run(workdir)
-  with open(path, "w") as f:
-    f.write(json.dumps(RECORDS[0]) + "\n\n" + '{"stage": "eval"}\n')
-  with pytest.raises(report.ReportError, match=f"^{path}:3: 'iteration'"):
+  def third_line(record):
+    with open(path, "w") as f:
+      f.write(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(record) + "\n")
+    return f"^{path}:3: "
+  with pytest.raises(report.ReportError, match=third_line({"version": 1, "stage": "eval"})
+                     + "'iteration'"):
+    report.read_run(workdir)
+  with pytest.raises(report.ReportError, match=third_line(dict(RECORDS[0], version=2))
+                     + "record format version 2; this maft_jax reads version 1"):
+    report.read_run(workdir)
+  no_debate = {k: v for k, v in RECORDS[0].items() if k != "debate_accuracy"}
+  with pytest.raises(report.ReportError, match=third_line(no_debate)
+                     + "the eval record has no 'debate_accuracy'"):
+    report.read_run(workdir)
+  with pytest.raises(report.ReportError, match=third_line(dict(RECORDS[0], round1_accuracy=[0.4, "x"]))
+                     + r"eval field 'round1_accuracy' must be list\[float\]"):
+    report.read_run(workdir)
+  with pytest.raises(report.ReportError, match=third_line(dict(RECORDS[1], stage="vote"))
+                     + "'stage' must be one of debate, select, finetune, eval"):
+    report.read_run(workdir)
+  with pytest.raises(report.ReportError, match=third_line(dict(RECORDS[1], tokens=3))
+                     + r"unknown debate field\(s\) \['tokens'\]"):
+    report.read_run(workdir)
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(report.ReportError, match="config.json: missing"):
     report.read_run(workdir)
 
 
@@ -218,7 +264,7 @@ def test_missing_optional_packages(run_dir, monkeypatch, caplog):
     report.write(run_dir)
   monkeypatch.setitem(sys.modules, "tensorboardX", None)
   with caplog.at_level(logging.WARNING):
-    assert report.write_tensorboard(run_dir, RECORDS) is None
+    assert report.write_tensorboard(run_dir, report.read_run(run_dir).records) is None
   assert "tensorboardX" in caplog.text and not os.path.exists(os.path.join(run_dir, "tb"))
 
 
@@ -246,10 +292,11 @@ def _events(logdir: str) -> list[tuple[str, int, float]]:
 
 def test_tensorboard_is_rewritten(run_dir):
   pytest.importorskip("tensorboardX")
-  logdir = report.write_tensorboard(run_dir, RECORDS)
+  done = report.read_run(run_dir).records
+  logdir = report.write_tensorboard(run_dir, done)
   assert logdir == os.path.join(run_dir, "tb")
   first = _events(logdir)
-  assert report.write_tensorboard(run_dir, RECORDS) == logdir
+  assert report.write_tensorboard(run_dir, done) == logdir
   second = _events(logdir)
   assert len(first) == len(second) and sorted(first) == sorted(second)
   values = {(tag, step): v for tag, step, v in second}
@@ -261,7 +308,7 @@ def test_tensorboard_is_rewritten(run_dir):
   assert values["finetune/final_loss/agent_0", 1] == pytest.approx(0.5)
   assert ("finetune/final_loss/agent_1", 1) not in values    # null
   assert values["eval/cross_nll_offdiag", 2] == pytest.approx(3.1)
-  assert values["debate/tokens", 2] == 900
+  assert values["debate/responses", 2] == 900
 
 
 def test_cli(run_dir, baseline_dir, tmp_path):

@@ -204,7 +204,7 @@ def test_decode_step_moves_no_weights_or_cache():
   method = sampling.Chain((sampling.Temperature(1.0), sampling.TopP(0.9)))
   jaxpr = jax.make_jaxpr(lambda p, s: sampling.decode.__wrapped__(
       p, s, jax.random.key(1), cfg=CFG, method=method, max_new_tokens=6))(pop, state)
-  one_layer_cache = np.prod(state["cache"]["k"].shape[1:])  # [A, B, K, S, Dh]
+  one_layer_cache = np.prod(state.k.shape[1:])  # [A, B, K, S, Dh]
   moved = [shape for shape in _transposes_in_loops(jaxpr.jaxpr)
            if np.prod(shape) >= one_layer_cache]
   assert not moved, moved
@@ -236,3 +236,23 @@ def test_num_samples_shares_prefill_and_samples_independently():
   explicit = sampling.sample(pop, *repeated, jax.random.key(9), **kw)
   np.testing.assert_array_equal(many.tokens, explicit.tokens)
   np.testing.assert_allclose(many.logprobs, explicit.logprobs, atol=1e-5)
+
+
+def test_decode_goes_on_from_its_own_final_state():
+  """The `DecodeState` decode returns is one it can go on from: greedy 3 + 3
+  new tokens equal greedy 6 (no stop tokens), and its one cache index has
+  moved by the tokens decoded."""
+  pop = population.init(CFG, jax.random.key(4), 2)
+  tokens, mask = _prompts(n=2)
+  T = tokens.shape[1]
+  kw = dict(cfg=CFG, method=sampling.Greedy())
+  whole, _ = sampling.decode(pop, sampling.prefill(pop, tokens, mask, cfg=CFG, cache_len=T + 6),
+                             jax.random.key(0), max_new_tokens=6, **kw)
+  state = sampling.prefill(pop, tokens, mask, cfg=CFG, cache_len=T + 6)
+  assert state.index.shape == () and int(state.index) == T
+  first, state = sampling.decode(pop, state, jax.random.key(0), max_new_tokens=3, **kw)
+  assert int(state.index) == T + 3 and state.next_pos.shape == first.lengths.shape
+  second, state = sampling.decode(pop, state, jax.random.key(0), max_new_tokens=3, **kw)
+  np.testing.assert_array_equal(np.concatenate([first.tokens, second.tokens], -1), whole.tokens)
+  np.testing.assert_allclose(np.concatenate([first.logprobs, second.logprobs], -1),
+                             whole.logprobs, atol=1e-5)

@@ -70,12 +70,13 @@ def test_sampling_on_meshes_matches_one_device(pop):
     rows = sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"),
                                                                  tokens.shape, mesh))
     t, m = jax.device_put(tokens, rows), jax.device_put(mask, rows)
-    with sharding.use_mesh(mesh):
-      state = sampling.prefill(placed, t, m, cfg=CFG, cache_len=14, spmd_axis_name="agent")
+    placement = sharding.Placement(mesh)
+    with placement.context():
+      state = sampling.prefill(placed, t, m, cfg=CFG, cache_len=14, placement=placement)
       # The KV cache is split over agents like the parameters are (its
       # agent axis is 1: the decode state is layer-major).
-      assert state["cache"]["k"].sharding.spec[1] == ("agent" if sizes[0] > 1 else None)
-      got = sampling.sample(placed, t, m, key, spmd_axis_name="agent", **kwargs)
+      assert state.k.sharding.spec[1] == ("agent" if sizes[0] > 1 else None)
+      got = sampling.sample(placed, t, m, key, placement=placement, **kwargs)
     np.testing.assert_array_equal(got.tokens, expected.tokens, err_msg=str(sizes))
     np.testing.assert_array_equal(got.lengths, expected.lengths, err_msg=str(sizes))
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5, err_msg=str(sizes))
@@ -90,10 +91,10 @@ def test_activations_follow_the_rule_table(pop, monkeypatch):
   seen = []
   constrain = sharding.constrain
 
-  def spy(x, axes, rules=sharding.DEFAULT_RULES):
+  def spy(x, axes, rules=None):
     y = constrain(x, axes, rules)
     mesh = jax.sharding.get_abstract_mesh()
-    want = sharding.logical_to_spec(axes, x.shape, mesh, rules)
+    want = sharding.logical_to_spec(axes, x.shape, mesh, rules or sharding._RULES.get())
     jax.debug.inspect_array_sharding(
         y, callback=lambda s, a=tuple(axes), w=want, m=mesh: seen.append((a, w, s.spec, m)))
     return y
@@ -118,6 +119,34 @@ def test_activations_follow_the_rule_table(pop, monkeypatch):
       by_axes = {axes: want for axes, want, *_ in seen}
       assert by_axes[("batch", "length", "mlp")] == P("fsdp", None, "tensor")
       assert by_axes[("batch", "length", "heads", "head_dim")] == P("fsdp", None, "tensor", None)
+
+
+def test_a_placements_rules_govern_its_programs(pop, monkeypatch):
+  """The rule table of a `Placement` is the one its programs pin activations
+  with, and two placements on one mesh that differ only in rules compile two
+  programs (the placement is part of the jit cache key)."""
+  seen = []
+  constrain = sharding.constrain
+
+  def spy(x, axes, rules=None):
+    if axes[2] == "mlp":
+      seen.append(sharding.logical_to_spec(axes, x.shape, jax.sharding.get_abstract_mesh(),
+                                           rules or sharding._RULES.get()))
+    return constrain(x, axes, rules)
+  monkeypatch.setattr(sharding, "constrain", spy)
+  mesh = sharding.make_mesh((1, 1, 4, 2))
+  placed = jax.device_put(pop, sharding.shardings(population.axes(CFG), pop, mesh))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 64, (4, 8)), jnp.int32)
+  no_tp_mlp = tuple((k, None if k == "mlp" else v) for k, v in sharding.DEFAULT_RULES)
+  fwd = jax.jit(population.forward, static_argnames=("cfg", "placement"))
+  outs = []
+  for placement in (sharding.Placement(mesh), sharding.Placement(mesh, rules=no_tp_mlp)):
+    seen.clear()
+    with placement.context():
+      outs.append(fwd(placed, tokens, cfg=CFG, placement=placement))
+    assert seen and all(s == P("fsdp", None, "tensor" if placement.rules is sharding.DEFAULT_RULES
+                               else None) for s in seen), seen
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 
 def _drop_unit_axes(spec, mesh):
@@ -171,9 +200,10 @@ def test_sft_run_building_rows_in_several_intervals_trains_the_same(pop, monkeyp
 
   def train():
     placed = jax.device_put(pop, sharding.shardings(population.axes(CFG), pop, mesh))
-    with sharding.use_mesh(mesh):
+    placement = sharding.Placement(mesh)
+    with placement.context():
       return sft.run(placed, examples, cfg=CFG, settings=settings, pad_id=0, progress=False,
-                     spmd_axis_name="agent", mesh=mesh)
+                     placement=placement)
   whole = train()
   monkeypatch.setattr(sharding, "addressable_rows",
                       lambda shape, *a, **k: [[(0, 1), (1, 3), (3, 4)]] * shape[0])
@@ -188,7 +218,7 @@ def test_base_copies_go_to_the_mesh_shard_by_shard(hf_models):
   equal to replicate() (each device is sent only its shard)."""
   src = source.describe("hf", hf_models("llama"), dtype="float32")
   mesh = sharding.make_mesh((2, 1, 4, 1))
-  got = source.load(src, 4, mesh)
+  got = source.load(src, 4, sharding.Placement(mesh))
   _follows_rules(got, population.axes(src.cfg), mesh)
   assert got["layers"]["wq"].sharding.spec[0] == "agent"
   one = hf.load(hf_models("llama"), dtype="float32").params
@@ -203,7 +233,7 @@ def test_one_agent_checkpoint_base_is_copied_onto_the_mesh(hf_models, tmp_path):
   cli.run("import_hf", f"--hf_dir={hf_models('llama')}", f"--out={ckpt}", "--agents=1")
   src = source.describe("checkpoint", ckpt, dtype="float32")
   mesh = sharding.make_mesh((2, 1, 4, 1))
-  pop = source.load(src, 4, mesh)
+  pop = source.load(src, 4, sharding.Placement(mesh))
   one, _ = checkpoint.load_population(ckpt, param_dtype="float32")
   _follows_rules(pop, population.axes(src.cfg), mesh)
   jax.tree.map(np.testing.assert_array_equal, pop, population.replicate(
@@ -215,11 +245,11 @@ def test_one_agent_checkpoint_base_is_copied_onto_the_mesh(hf_models, tmp_path):
   first, _ = checkpoint.load_population(three)
   got = source.load(src3, 2)  # its first agents (launch.sample --agents)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[:2]), got, first)
-  _follows_rules(source.load(src3, 3, mesh), population.axes(src.cfg), mesh)
+  _follows_rules(source.load(src3, 3, sharding.Placement(mesh)), population.axes(src.cfg), mesh)
   with pytest.raises(source.SourceError, match="the checkpoint has 3 agents; 4 asked for"):
     source.load(src3, 4)
   with pytest.raises(source.SourceError, match="a mesh takes all of them"):
-    source.load(src3, 2, mesh)
+    source.load(src3, 2, sharding.Placement(mesh))
 
 
 def test_train_step_on_meshes_matches_one_device(pop):
@@ -235,8 +265,9 @@ def test_train_step_on_meshes_matches_one_device(pop):
     spec = sharding.logical_to_spec(("agent", None, "batch", "length"),
                                     batch["tokens_BxT"].shape, mesh)
     placed = jax.device_put(batch, sharding.NamedSharding(mesh, spec))
-    with sharding.use_mesh(mesh):
-      got, m_got = finetune.train_step(state, placed, cfg=CFG, h=H, spmd_axis_name="agent")
+    placement = sharding.Placement(mesh)
+    with placement.context():
+      got, m_got = finetune.train_step(state, placed, cfg=CFG, h=H, placement=placement)
     # The updated parameters stay where the rule table put them.
     _follows_rules(got["params"], population.axes(CFG), mesh)
     np.testing.assert_allclose(m_got["loss"], m_expected["loss"], rtol=1e-5, err_msg=str(sizes))
@@ -341,7 +372,8 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
 
   mesh = sharding.make_mesh((1, 1, 4, 1), jax.devices()[:4])
   pops = [checkpoint.load_population(str(w / "iter_01" / "finetune" / "population"),
-                                     mesh=mesh)[0] for w in (one, two)]
+                                     placement=sharding.Placement(mesh))[0]
+          for w in (one, two)]
   lr = 3e-4  # configs/demo.py's finetune.learning_rate
   jax.tree.map(lambda x, y: _same_update(np.asarray(x), np.asarray(y), "checkpoint", lr), *pops)
 

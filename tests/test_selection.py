@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from maft_jax import config, metrics, scoring, selection, tasks
+from maft_jax import config, metrics, records, scoring, selection, tasks
 from maft_jax.debate import Debate
 from maft_jax.tasks import prompts
 
@@ -96,10 +96,10 @@ def check_selection(keys_RxNxB, got, summary, decided, critic_weight):
   n_slots = len(keys_RxNxB[0])
   assert [set(g) for g in got[:n_slots]] == d_g
   assert [len(g) for g in got[:n_slots]] == [len(s) for s in d_g]   # one row per problem
-  assert summary["d_g"] == [len(s) for s in d_g]
-  assert summary["d_c_minus"] == [len(s) for s in d_minus]
-  assert summary["d_c_plus"] == [len(s) for s in d_plus]
-  assert summary["d_c_kept"] == kept
+  assert summary.d_g == [len(s) for s in d_g]
+  assert summary.d_c_minus == [len(s) for s in d_minus]
+  assert summary.d_c_plus == [len(s) for s in d_plus]
+  assert summary.d_c_kept == kept
   for n, critic in enumerate(got[n_slots:]):
     assert d_minus[n] <= set(critic) <= d_minus[n] | d_plus[n]
     assert len(critic) == len(d_minus[n]) + kept[n] == len(set(critic))
@@ -128,10 +128,10 @@ def test_new_final_answers_form_the_consensus(arith):
   d = debate_of(task, problems[:2], answers)
   rows, summary, decided = _select(task, problems[:2], d)
   assert decided["consensus"] == [str(D), str(D1)] and decided["votes"] == [2, 3]
-  assert decided["right"] == [True, True] and summary["consensus_accuracy"] == 1.0
+  assert decided["right"] == [True, True] and summary.consensus_accuracy == 1.0
   # No generator agreed in round 1; critics 0 and 1 corrected problem 0, all three problem 1.
-  assert summary["d_g"] == [0, 0, 0]
-  assert summary["d_c_minus"] == [2, 2, 1] and summary["d_c_plus"] == [0, 0, 0]
+  assert summary.d_g == [0, 0, 0]
+  assert summary.d_c_minus == [2, 2, 1] and summary.d_c_plus == [0, 0, 0]
   m = metrics.evaluate(d, task, problems[:2], jax.random.key(0))
   assert m["debate_accuracy"] == 1.0 and m["consensus_rate"] == pytest.approx((2 + 3) / 6)
   assert m["majority_accuracy"] == 0.0 and m["best_of_n_accuracy"] == 0.0
@@ -169,7 +169,7 @@ def test_selection_follows_from_the_last_round_majority(arith, answers, seed, w)
     right = [bool(tops) and next(iter(tops)) == p.reference
              for (tops, _), p in zip(majorities, problems)]
     assert m["debate_accuracy"] == pytest.approx(np.mean(right))
-    assert summary["consensus_accuracy"] == pytest.approx(np.mean(right))
+    assert summary.consensus_accuracy == pytest.approx(np.mean(right))
     assert decided["right"] == right
 
 
@@ -215,14 +215,14 @@ def test_paper_selection_rows(hand_built):
   rows, summary, _ = selection.select(d, problems, task, _settings("paper", critic_weight=0.5),
                                       critics=True, tokenizer=_Tok(), key=jax.random.key(0))
   # Consensus (final round): p0 ref, p1 ref+1 (wrong), p2 ref+1 (wrong), p3 ref.
-  assert summary["consensus_accuracy"] == 0.5
+  assert summary.consensus_accuracy == 0.5
   # Generators keep their own round-1 answers that agree with consensus.
   assert rows_problems(rows[:3], problems) == [[0, 1, 2, 3], [1, 2, 3], [3]]
   # Critic n: D^C- = round-1 slot n disagreed, final agrees; D^C+ kept by weight.
   # Critic 1 corrected p0, critic 2 p1 (no round-1 answer -> the consensus).
-  assert summary["d_c_minus"] == [0, 1, 1] and summary["d_c_plus"] == [4, 3, 1]
+  assert summary.d_c_minus == [0, 1, 1] and summary.d_c_plus == [4, 3, 1]
   # With corrections, |D^C-|(1-w)/w = 1 D^C+ transcript joins; without, half of D^C+.
-  assert summary["d_c_kept"] == [2, 1, 1] and summary["selected"] == [4, 3, 1, 2, 2, 2]
+  assert summary.d_c_kept == [2, 1, 1] and summary.selected == [4, 3, 1, 2, 2, 2]
   # A critic's rows are its own final-round responses to its own transcript.
   for r in rows[3]:
     assert "These are the solutions" in r["prompt"] and r["completion"].startswith("so \\boxed")
@@ -234,7 +234,7 @@ def test_ground_truth_selection_rows(hand_built):
   rows, summary, _ = selection.select(d, problems, task, _settings("ground_truth"),
                                       critics=True, tokenizer=_Tok(), key=jax.random.key(0))
   assert rows_problems(rows[:3], problems) == [[0, 3], [3], [2, 3]]
-  assert summary["d_c_minus"] == [0, 1, 0] and summary["d_c_plus"] == [2, 1, 2]
+  assert summary.d_c_minus == [0, 1, 0] and summary.d_c_plus == [2, 1, 2]
 
 
 def test_cross_agent_selection_copies_follow_the_weights(hand_built):
@@ -270,7 +270,7 @@ def test_cross_agent_selection_copies_follow_the_weights(hand_built):
     for b in range(B):
       if correct[a, b]:
         assert any(r["completion"] == d.texts[0][a][b] for r in rows[a])
-  assert summary["selected"][:N] == [len(r) for r in rows[:N]]
+  assert summary.selected[:N] == [len(r) for r in rows[:N]]
 
 
 def check_stage_records(workdir, iteration, critic_weight, tokenizer=None):
@@ -285,8 +285,8 @@ def check_stage_records(workdir, iteration, critic_weight, tokenizer=None):
     d = json.load(f)
   with open(os.path.join(it, "select", "consensus.json")) as f:
     decided = json.load(f)
-  with open(os.path.join(it, "select", "summary.json")) as f:
-    summary = json.load(f)
+  summary = records.read_summary(os.path.join(it, "select", "summary.json"), iteration,
+                                 "select").data
   assert decided["problem_ids"] == d["problem_ids"]
   n_slots, last = len(d["texts"][0]), len(d["texts"]) - 1
   got = []
@@ -324,8 +324,8 @@ def test_star_trains_on_verified_rationales_without_the_hint(arith):
     assert "Hint" not in row["prompt"] and row["prompt"].startswith("Can you solve")
     b = rows_problems([[row]], problems)[0][0]
     assert task.is_correct(row["completion"], problems[b])
-  assert summary["d_g"] == [2] and summary["rationalized"] == [3]
-  assert summary["rationales_kept"] == [2]
+  assert summary.d_g == [2] and summary.rationalized == [3]
+  assert summary.rationales_kept == [2]
   # STaR restarts from the base and has no critics; the config says so.
   with pytest.raises(config.ConfigError, match="finetune.init='base'"):
     config.validate({"model": {"source": "demo"}, "agents": {"generators": 1, "critics": False},

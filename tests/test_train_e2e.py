@@ -74,7 +74,7 @@ def test_smoke_run_records_checkpoints_and_report(smoke_run):
     check_stage_records(work, k, critic_weight=0.5, tokenizer=tok)
   # The table is printed after every evaluation.
   with open(os.path.join(work, "stdout.txt")) as f:
-    assert f.read().count("iter  agents (round 1)") == 3
+    assert f.read().count("iteration  per agent") == 3
   # Checkpoint contents: the population of each iteration, loadable, with its tokenizer.
   pop_dir = os.path.join(work, "iter_02", "finetune", "population")
   with open(os.path.join(pop_dir, "maft.json")) as f:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from maft_jax import files
+
 
 class TaskError(ValueError):
   """Bad task data or options; the message names the file, line or field."""
@@ -144,29 +146,8 @@ class Task:
 
 
 def read_jsonl(path: str, *, on_bad_record: str = "error") -> Iterator[tuple[int, dict]]:
-  """(line number, record) for each non-blank line. A malformed line fails
-  naming file and line, or with on_bad_record="skip" is skipped and counted."""
-  if on_bad_record not in ("error", "skip"):
-    raise TaskError(f"on_bad_record={on_bad_record!r}: 'error' or 'skip'")
-  if not os.path.isfile(path):
-    raise TaskError(f"{path}: no such file")
-  skipped = 0
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        if not isinstance(record, dict):
-          raise ValueError("not a JSON object")
-      except ValueError as e:
-        if on_bad_record == "skip":
-          skipped += 1
-          continue
-        raise TaskError(f"{path}:{lineno}: malformed record ({e})") from None
-      yield lineno, record
-  if skipped:
-    logging.warning("%s: skipped %d malformed line(s) (on_bad_record='skip')", path, skipped)
+  """`files.read_jsonl` with the tasks' error (`TaskError`)."""
+  return files.read_jsonl(path, on_bad_record=on_bad_record, error=TaskError)
 
 
 def read_records(path: str, *, on_bad_record: str = "error") -> Iterator[tuple[str, dict]]:

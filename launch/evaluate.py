@@ -23,14 +23,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import common
-from maft_jax import checkpoint, config, loop, stages
+from maft_jax import checkpoint, config, files, loop, seeds, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with --checkpoint).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory.")
 _ITERATION = flags.DEFINE_integer("iteration", None, "Population after this iteration.",
                                   lower_bound=0)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint (with --config).")
-_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's eval seed).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's eval key, "
+                             "derived from its config.seed).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too.")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes for this evaluation, e.g. "
                             "agent=2,fsdp=-1; axes not given take the default mesh's sizes "
@@ -60,7 +61,7 @@ def main(argv):
       if k and k not in done:
         raise config.ConfigError(f"--iteration={k}: {_WORKDIR.value} has finetuned "
                                  f"populations for iterations {done or 'none'}")
-      seed = stages.eval_seed(plan.seed)
+      key = stages.eval_key(plan.seed)
       source = f"{_WORKDIR.value} iteration {k}"
     else:
       if _CONFIG.value is None or not _CHECKPOINT.value:
@@ -73,20 +74,19 @@ def main(argv):
         wanted, _ = common.mesh_for_here(wanted, _MESH.value)
       plan = config.validate(wanted)
       run = loop.Run(plan, _CHECKPOINT.value)  # nothing is written there
-      k, seed, source = 0, stages.eval_seed(plan.seed), _CHECKPOINT.value
+      k, key, source = 0, stages.eval_key(plan.seed), _CHECKPOINT.value
   except (config.ConfigError, checkpoint.CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
   if _SEED.value is not None:
-    seed = _SEED.value
+    key = seeds.key(_SEED.value)
   pop = run.load_population(k)
-  result, _, _ = stages.eval_debate(run.env, pop, seed=seed)
+  result, _, _ = stages.eval_debate(run.env, pop, key=key)
   result = {"source": source, **result}
   text = json.dumps(result, indent=1)
   print(text)
   from maft_jax import distributed
   if _OUTPUT.value and distributed.is_primary():
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text + "\n")
+    files.write_text(_OUTPUT.value, text + "\n")
 
 
 if __name__ == "__main__":

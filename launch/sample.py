@@ -17,6 +17,7 @@ one JSON object per line with a "prompt" string.
 import json
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from maft_jax import checkpoint, generation, hf, sampling, source
@@ -76,7 +77,7 @@ def main(argv):
                                stop_after_boxed=_STOP_BOXED.value)
   gen = generation.Generator(src.cfg, tok, log=logging.info)
   # A chat template already holds its special tokens.
-  out = gen.generate(pop, prompts, options=options, seed=_SEED.value,
+  out = gen.generate(pop, prompts, options=options, key=jax.random.key(_SEED.value),
                      add_special_tokens=not _CHAT.value)
   sink = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
   try:

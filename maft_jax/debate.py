@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
+
 from maft_jax import generation
 from maft_jax.model import Params
 from maft_jax.tasks import prompts
@@ -45,7 +47,7 @@ class Debate:
 
 def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
         generators: Params, critics: Params | None, rounds: int, options: generation.Options,
-        seed: int, summarize: bool = False) -> Debate:
+        key: jax.Array, summarize: bool = False) -> Debate:
   """Debate `problems` for `rounds` rounds (see the module docstring).
 
   `generators` / `critics`: populations of N agents each (critics None for
@@ -58,10 +60,12 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
   tok = gen.tok
   fmt = task.answer_format
 
-  def ask(pop: Params, msgs, round_seed: int, opts: generation.Options = options):
+  round_key, summary_key = jax.random.split(key)
+
+  def ask(pop: Params, msgs, key: jax.Array, opts: generation.Options = options):
     texts = [[prompts.to_text(m, tok)[0] for m in per_slot] for per_slot in msgs]
     special = not (tok is not None and tok.chat_template)
-    out = gen.generate(pop, texts, options=opts, seed=round_seed, add_special_tokens=special)
+    out = gen.generate(pop, texts, options=opts, key=key, add_special_tokens=special)
     return ([[c[0].text for c in per_slot] for per_slot in out],
             [[c[0].finish for c in per_slot] for per_slot in out])
 
@@ -72,7 +76,7 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
   first = [prompts.round1(p, fmt) for p in problems]
   n_slots = _num_agents(generators)
   msgs = [[first] * n_slots]
-  texts, finishes = ask(generators, msgs[0], seed * 1000 + 1)
+  texts, finishes = ask(generators, msgs[0], jax.random.fold_in(round_key, 0))
   texts, finishes = [texts], [finishes]
   speakers = critics if critics is not None else generators
   for m in range(1, rounds):
@@ -82,7 +86,8 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
     if summarize:
       summary_msgs = [[[{"role": "user", "content": SUMMARY_INSTRUCTION.format(
           advice=prompts.advice(others[n][b]))}] for b in range(len(problems))] for n in range(n_slots)]
-      summaries, _ = ask(speakers, summary_msgs, seed * 1000 + 100 + m, summary_options)
+      summaries, _ = ask(speakers, summary_msgs, jax.random.fold_in(summary_key, m),
+                         summary_options)
       advice = [[[summaries[n][b]] for b in range(len(problems))] for n in range(n_slots)]
     else:
       advice = others
@@ -90,7 +95,7 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
                                         answer_format=fmt)
                    for b in range(len(problems))] for n in range(n_slots)]
     msgs.append(round_msgs)
-    round_texts, round_finishes = ask(speakers, round_msgs, seed * 1000 + 1 + m)
+    round_texts, round_finishes = ask(speakers, round_msgs, jax.random.fold_in(round_key, m))
     texts.append(round_texts)
     finishes.append(round_finishes)
   keys = [[[task.extract_answer(t) for t in per_slot] for per_slot in per_round]
@@ -100,7 +105,7 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
 
 def rationalize(gen: generation.Generator, task: Task, problems: Sequence[Problem],
                 d: Debate, *, generators: Params, failed_NxB, options: generation.Options,
-                seed: int) -> Debate:
+                key: jax.Array) -> Debate:
   """STaR's rationalisation (Zelikman et al. 2022): every slot is asked again
   each problem some slot failed in round 1, with the reference answer as a
   hint (`prompts.with_hint`); a slot's answers are kept for its own failures
@@ -114,7 +119,7 @@ def rationalize(gen: generation.Generator, task: Task, problems: Sequence[Proble
            "messages": [[None] * B for _ in range(N)], "finishes": [[None] * B for _ in range(N)]}
   if asked:
     out = gen.generate(generators, [prompts.to_text(m, tok)[0] for m in hinted], options=options,
-                       seed=seed * 1000 + 500, add_special_tokens=special)
+                       key=key, add_special_tokens=special)
     for n in range(N):
       for i, b in enumerate(asked):
         if failed_NxB[n][b]:

@@ -103,7 +103,7 @@ class Generator:
         raise ValueError(f"prompt {i} tokenises to zero tokens")
     return ids
 
-  def generate(self, pop: Params, prompts, *, options: Options, seed: int = 0,
+  def generate(self, pop: Params, prompts, *, options: Options, key: jax.Array,
                add_special_tokens: bool = True) -> list[list[list[Completion]]]:
     """completions[agent][prompt][sample].
 
@@ -130,7 +130,6 @@ class Generator:
     out_tokens = np.zeros((A, P, S, N), np.int32)
     out_logprobs = np.zeros((A, P, S, N), np.float32)
     out_lengths = np.zeros((A, P, S), np.int32)
-    key = jax.random.key(seed)
     B = min(options.batch_size, P)
     done_tokens = 0
     bar = progress.Line("sampling", total=P, unit="prompts", enabled=self.progress)

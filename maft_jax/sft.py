@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import checkpoint, checks, data, distributed, finetune, lora, population, sharding
+from maft_jax import (checkpoint, checks, data, distributed, finetune, lora, population, seeds,
+                      sharding)
 from maft_jax import progress as progress_line
 from maft_jax.model import ModelConfig, Params
 from maft_jax.tasks.base import require
@@ -48,7 +49,7 @@ class Settings:
   seq_len: int = 1024
   grad_accum: int = 1           # microbatches per step
   pack: bool = True
-  seed: int = 0                 # data order: agent a uses seed * 1000 + a
+  seed: int = 0                 # data order and LoRA init (`seeds`: derived per agent)
   save_every: int = 100
   lora: lora.LoraConfig | None = None
 
@@ -101,7 +102,9 @@ def _pipelines(examples, s: Settings, pad_id: int, held: Sequence[Sequence[tuple
   # exactly the batches of a one-process run, and the iterator states (a
   # position in that stream) resume on any process count.
   return [[data.sft_batches(ex, batch_size=s.batch_size, seq_len=s.seq_len,
-                            seed=s.seed * 1000 + a, pad_id=pad_id, pack=s.pack,
+                            # streams under s.seed: 0 data order (per agent), 1 LoRA init
+                            seed=seeds.to_int(seeds.key(s.seed, 0, a)), pad_id=pad_id,
+                            pack=s.pack,
                             num_epochs=s.epochs, slots=slots) for slots in rows or [(0, 0)]]
           if ex else None for a, (ex, rows) in enumerate(zip(examples, held))]
 
@@ -154,7 +157,7 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
                        "population of identical agents (e.g. fresh from launch.import_hf)")
     base = population.select(pop, 0)
     del pop, trainable
-    trainable = lora.init(cfg, s.lora, jax.random.key(s.seed), A)
+    trainable = lora.init(cfg, s.lora, seeds.key(s.seed, 1), A)
     log(f"LoRA rank {s.lora.rank} alpha {s.lora.alpha:g} on {','.join(s.lora.targets)}: "
         f"{lora.count(trainable) // A:,} adapter parameters per agent")
   state = finetune.init_state(trainable, s.hyper, total_steps)

@@ -11,12 +11,13 @@ says which; None when it needs none), and the files of the stages before it
 (`env.stage_dir`). It writes its files into `out` (on the primary process;
 checkpoints collectively) and returns its summary, the stage's record.
 
-Randomness is derived, never carried: every stage draws from
-`stage_seed(seed, iteration, stage)`; inside it, samplers fold in the agent,
-the prompt row and the step, and the trainer the agent. Evaluation is the
-exception: every iteration's evaluation samples with `eval_seed(seed)`
-(common random numbers), so the change from one iteration to the next
-reflects the weights, not a new draw of the sampling noise.
+Randomness is derived, never carried (`seeds`): every stage draws from
+`stage_key(seed, iteration, stage)`; inside it, the debate folds in the
+round, samplers the agent, the prompt row and the step, and the trainer the
+agent. Evaluation is the exception: every iteration's evaluation samples
+with `eval_key(seed)` (common random numbers), so the change from one
+iteration to the next reflects the weights, not a new draw of the sampling
+noise.
 """
 
 from __future__ import annotations
@@ -30,21 +31,20 @@ import jax
 import numpy as np
 
 from maft_jax import (checkpoint, config, debate as debates, distributed, files, generation,
-                      metrics, population, records, scoring, selection, sft, sharding, source)
+                      metrics, population, records, scoring, seeds, selection, sft, sharding,
+                      source)
 from maft_jax.model import Params
 from maft_jax.tasks import Problem, Task
 
 NAMES = ("debate", "select", "finetune", "eval")
-def stage_seed(seed: int, iteration: int, stage: str) -> int:
-  """The stage's seed, derived from (seed, iteration, stage) alone. Kept below
-  2^20 so that the samplers' seed arithmetic stays inside int32."""
-  state = np.random.SeedSequence([seed, iteration, NAMES.index(stage)]).generate_state(1)
-  return int(state[0]) % (1 << 20)
+def stage_key(seed: int, iteration: int, stage: str) -> jax.Array:
+  """The stage's key, derived from (seed, iteration, stage) alone."""
+  return seeds.key(seed, iteration, NAMES.index(stage))
 
 
-def eval_seed(seed: int) -> int:
-  """The sampling seed of every iteration's held-out evaluation (see the module docstring)."""
-  return stage_seed(seed, 0, "eval")
+def eval_key(seed: int) -> jax.Array:
+  """The sampling key of every iteration's held-out evaluation (see the module docstring)."""
+  return stage_key(seed, 0, "eval")
 
 
 class Env:
@@ -133,11 +133,11 @@ def finetune_state_dir(workdir: str, k: int) -> str:
 
 
 def run_debate(env: Env, pop: Params, problems: Sequence[Problem], *, rounds: int,
-               options: generation.Options, seed: int) -> debates.Debate:
+               options: generation.Options, key: jax.Array) -> debates.Debate:
   """A debate of the population's generators and critics (`debate.run`)."""
   a = env.plan.agents
   return debates.run(env.gen, env.task, problems, generators=a.generators_of(pop),
-                     critics=a.critics_of(pop), rounds=rounds, options=options, seed=seed,
+                     critics=a.critics_of(pop), rounds=rounds, options=options, key=key,
                      summarize=env.plan.debate.summarize)
 
 
@@ -145,15 +145,16 @@ def debate(env: Env, k: int, pop: Params, out: str) -> records.Debate:
   """The training debate of iteration k (STaR: with its rationalisations)."""
   p = env.plan
   problems = env.problems("train")
-  seed = stage_seed(p.seed, k, "debate")
-  d = run_debate(env, pop, problems, rounds=p.debate.rounds, options=p.debate.options, seed=seed)
+  debate_key, hint_key = jax.random.split(stage_key(p.seed, k, "debate"))
+  d = run_debate(env, pop, problems, rounds=p.debate.rounds, options=p.debate.options,
+                 key=debate_key)
   if p.selection.mode == "star":  # rationalise the failures, with the answer as a hint
     N = p.agents.generators
     correct = np.asarray(env.task.is_correct_many(
         [t for slot in d.texts[0] for t in slot], list(problems) * N), bool).reshape(N, -1)
     d = debates.rationalize(env.gen, env.task, problems, d,
                             generators=p.agents.generators_of(pop), failed_NxB=~correct,
-                            options=p.debate.options, seed=seed)
+                            options=p.debate.options, key=hint_key)
   if distributed.is_primary():
     write_debate(os.path.join(out, "debate.json"), problems, d)
   return records.Debate(problems=len(problems),
@@ -169,7 +170,7 @@ def select(env: Env, k: int, pop: Params | None, out: str) -> records.Select:
   problems = [by_id[i] for i in ids]
   sel = selection.select(d, problems, env.task, p.selection, critics=p.agents.critics,
                          tokenizer=env.tokenizer,
-                         key=jax.random.key(stage_seed(p.seed, k, "select")),
+                         key=stage_key(p.seed, k, "select"),
                          score=lambda rows: env.row_nll(pop, rows))
   if distributed.is_primary():
     files.write_json(os.path.join(out, "consensus.json"), sel.decided)
@@ -192,7 +193,8 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune,
     pop = jax.tree.map(lambda x: x[:1], pop)
   examples = [sft.tokenize_rows(r, env.tokenizer, where=lambda i, a=a: f"agent {a} row {i}")
               for a, r in enumerate(rows)]
-  settings = dataclasses.replace(p.finetune.sft, seed=stage_seed(p.seed, k, "finetune"))
+  settings = dataclasses.replace(p.finetune.sft,
+                                 seed=seeds.to_int(stage_key(p.seed, k, "finetune")))
   state_dir = finetune_state_dir(env.workdir, k)
   result = sft.run(pop, examples, cfg=env.cfg, settings=settings, pad_id=env.gen.pad_id,
                    workdir=state_dir, run_id={"iteration": k}, progress=env.progress,
@@ -210,14 +212,16 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune,
                           final_loss=result.final_loss, tokens=result.tokens), params
 
 
-def eval_debate(env: Env, pop: Params, *, seed: int
+def eval_debate(env: Env, pop: Params, *, key: jax.Array
                 ) -> tuple[dict, debates.Debate, list[Problem]]:
   """Debate on the held-out problems and its metrics (also `launch.evaluate`)."""
   p = env.plan
   problems = env.problems("test")
   with env.placement.context():
-    d = run_debate(env, pop, problems, rounds=p.eval.rounds, options=p.eval.options, seed=seed)
-    result = metrics.evaluate(d, env.task, problems, jax.random.key(seed))
+    sample_key, vote_key = jax.random.split(key)
+    d = run_debate(env, pop, problems, rounds=p.eval.rounds, options=p.eval.options,
+                   key=sample_key)
+    result = metrics.evaluate(d, env.task, problems, vote_key)
     result["problems"] = len(problems)
     if p.eval.cross_nll:
       # Authors: generators' round-1 responses, critics' last-round responses.
@@ -232,7 +236,7 @@ def eval_debate(env: Env, pop: Params, *, seed: int
 
 def evaluate(env: Env, k: int, pop: Params, out: str) -> records.Eval:
   """The held-out evaluation of the population after iteration k."""
-  result, d, problems = eval_debate(env, pop, seed=eval_seed(env.plan.seed))
+  result, d, problems = eval_debate(env, pop, key=eval_key(env.plan.seed))
   if distributed.is_primary():
     write_debate(os.path.join(out, "debate.json"), problems, d)
   return records.Eval(**result)

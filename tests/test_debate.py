@@ -31,7 +31,7 @@ def test_rounds_and_who_sees_what(setup):
   tok, gens, critics, task, gen, opts = setup
   problems = task.problems()
   d = debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, options=opts,
-                 seed=1)
+                 key=jax.random.key(1))
   assert d.num_rounds == 2 and len(d.texts[0]) == 2 and len(d.texts[0][0]) == 3
   for m in (1,):
     for n in range(2):
@@ -43,7 +43,7 @@ def test_rounds_and_who_sees_what(setup):
   assert d.keys == [[[task.extract_answer(t) for t in slot] for slot in rnd] for rnd in d.texts]
   # Critics answer rounds 2..M: without critics, the generators do, so the text changes.
   solo = debate.run(gen, task, problems, generators=gens, critics=None, rounds=2, options=opts,
-                    seed=1)
+                    key=jax.random.key(1))
   assert solo.texts[0] == d.texts[0] and solo.texts[1] != d.texts[1]
 
 
@@ -51,7 +51,7 @@ def test_summarize_and_selected_rows(setup):
   tok, gens, critics, task, gen, opts = setup
   problems = task.problems()
   d = debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, options=opts,
-                 seed=2, summarize=True)
+                 key=jax.random.key(2), summarize=True)
   for n in range(2):
     for b in range(3):
       advice = d.messages[1][n][b][2]["content"]
@@ -65,7 +65,8 @@ def test_summarize_and_selected_rows(setup):
   assert rows[1][0]["add_special_tokens"] is False
   assert rows[0][0]["append_eos"] == (d.finishes[1][0][0] != "length")
   with pytest.raises(ValueError, match="num_samples=1"):
-    debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2, seed=0,
+    debate.run(gen, task, problems, generators=gens, critics=critics, rounds=2,
+               key=jax.random.key(0),
                options=generation.Options(max_new_tokens=2, num_samples=2))
 
 
@@ -73,10 +74,10 @@ def test_rationalize_asks_only_failures_with_the_hint(setup):
   tok, gens, _, task, gen, opts = setup
   problems = task.problems()
   d = debate.run(gen, task, problems, generators=gens, critics=None, rounds=1, options=opts,
-                 seed=3)
+                 key=jax.random.key(3))
   failed = np.array([[True, False, True], [False, False, True]])
   r = debate.rationalize(gen, task, problems, d, generators=gens, failed_NxB=failed,
-                         options=opts, seed=3).rationales
+                         options=opts, key=jax.random.key(3)).rationales
   for n in range(2):
     for b in range(3):
       if failed[n, b]:

@@ -11,6 +11,7 @@ from tests import hf_fixtures
 
 CFG = model.ModelConfig(vocab_size=hf_fixtures.VOCAB, hidden_size=32, intermediate_size=48,
                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+KEY = jax.random.key(0)
 PROMPTS = ["The quick brown fox", "Alice", "What is 12 + 7 * 3? Let's think step by step.",
            "apples"]
 
@@ -42,7 +43,7 @@ def test_results_do_not_depend_on_batching(setup):
     gen = generation.Generator(CFG, tok, progress=False, log=shapes.append)
     opts = generation.Options(max_new_tokens=6, method=method, num_samples=2,
                               batch_size=batch_size)
-    runs.append(gen.generate(pop, PROMPTS, options=opts, seed=1))
+    runs.append(gen.generate(pop, PROMPTS, options=opts, key=jax.random.key(1)))
     # One compiled shape per (batch, bucket) met; one chunk when everything fits.
     assert len(shapes) == len(gen.shapes) == (len(buckets) if batch_size == 1 else 1)
   for a in range(2):
@@ -59,14 +60,14 @@ def test_per_agent_prompts(setup):
   pop, tok = setup
   gen = generation.Generator(CFG, tok, progress=False)
   opts = generation.Options(max_new_tokens=5)
-  mine = gen.generate(pop, [PROMPTS[:2], PROMPTS[2:]], options=opts)
-  shared0 = gen.generate(pop, PROMPTS[:2], options=opts)
-  shared1 = gen.generate(pop, PROMPTS[2:], options=opts)
+  mine = gen.generate(pop, [PROMPTS[:2], PROMPTS[2:]], options=opts, key=KEY)
+  shared0 = gen.generate(pop, PROMPTS[:2], options=opts, key=KEY)
+  shared1 = gen.generate(pop, PROMPTS[2:], options=opts, key=KEY)
   _assert_same(mine[0], shared0[0])
   _assert_same(mine[1], shared1[1])
   with pytest.raises(ValueError, match="3 prompt lists for a population of 2"):
-    gen.generate(pop, [PROMPTS[:1]] * 3, options=opts)
-  assert gen.generate(pop, [], options=opts) == [[], []]
+    gen.generate(pop, [PROMPTS[:1]] * 3, options=opts, key=KEY)
+  assert gen.generate(pop, [], options=opts, key=KEY) == [[], []]
 
 
 def test_f32_masters_sample_as_their_compute_dtype_copy(setup):
@@ -92,13 +93,14 @@ def test_stop_strings_cut_text_and_tokens(setup):
   # completion runs to the length limit (same program, so reproducible).
   base = dict(max_new_tokens=12, method=sampling.Temperature(1.0))
   for seed in range(20):
-    free = gen.generate(pop, PROMPTS[:1], options=generation.Options(**base), seed=seed)[0][0][0]
+    free = gen.generate(pop, PROMPTS[:1], options=generation.Options(**base),
+                        key=jax.random.key(seed))[0][0][0]
     if free.finish == "length" and len(free.text) > 6:
       break
   else:
     pytest.fail("no seed gave a full-length completion")
   stop = free.text[3:5]
-  cut = gen.generate(pop, PROMPTS[:1], seed=seed, options=generation.Options(
+  cut = gen.generate(pop, PROMPTS[:1], key=jax.random.key(seed), options=generation.Options(
       **base, stop_strings=(stop,)))[0][0][0]
   at = free.text.find(stop) + len(stop)
   assert cut.finish == "stop_string" and cut.text == free.text[:at]

@@ -77,9 +77,9 @@ def main(argv):
       return dry_run(plan)
     run = loop.Run(plan, _WORKDIR.value, progress=_PROGRESS.value)
     run.check_workdir()
+    run.run()
   except config.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
-  run.run()
   from maft_jax import distributed
   if _REPORT.value and distributed.is_primary():
     from maft_jax import report

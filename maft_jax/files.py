@@ -82,14 +82,15 @@ def commit_dir(partial: str, final: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str, *, error: type[Exception] = FileError) -> Any:
+  """The JSON value in `path`; a missing or damaged file raises `error` naming it."""
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise FileError(f"{path}: missing") from None
+    raise error(f"{path}: missing") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise FileError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    raise error(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
 def read_jsonl(path: str, *, on_bad_record: str = "error", error: type[Exception] = FileError

@@ -96,10 +96,10 @@ class Stage:
     distributed.barrier(f"begin {self.dir}")
     return self.partial
 
-  def commit(self, data: records.Data, seconds: float) -> None:
+  def commit(self, iteration: int, name: str, data: records.Data, seconds: float) -> None:
     if distributed.is_primary():
       files.write_json(os.path.join(self.partial, "summary.json"),
-                       records.to_json(data, seconds=seconds))
+                       records.to_json(data, iteration=iteration, stage=name, seconds=seconds))
       files.commit_dir(self.partial, self.dir)
     distributed.barrier(f"commit {self.dir}")
 
@@ -147,13 +147,16 @@ class Run:
     return self._env
 
   def check_workdir(self) -> None:
-    """Refuse a workdir that holds a run with another config; record ours."""
+    """Refuse a workdir that holds a run with another config, or a finished
+    stage whose record is damaged or of another record version (before any
+    stage runs); record ours."""
     cfg_path = os.path.join(self.workdir, "config.json")
     if os.path.isfile(cfg_path):
       changes = config.config_changes(files.read_json(cfg_path), self.plan.config)
       if changes:
         raise ConfigError(f"{self.workdir} holds a run with a different config: "
                           f"{'; '.join(changes)}. Use another workdir or the same config.")
+      self.records()  # every finished stage's record reads back
     if distributed.is_primary():
       os.makedirs(self.workdir, exist_ok=True)
       files.write_json(cfg_path, self.plan.config)
@@ -172,7 +175,7 @@ class Run:
                           param_dtype="float32", remat=m.remat)
     return source.load(src, self.plan.num_agents, env.placement)
 
-  def run(self) -> list[dict]:
+  def run(self) -> list[records.Record]:
     """Every stage not yet done, in order; returns the records."""
     p, t0 = self.plan, time.perf_counter()
     self.check_workdir()
@@ -195,7 +198,7 @@ class Run:
         if spec.name == "finetune":
           (data, pop), have = data, k
         seconds = time.perf_counter() - start
-        stage.commit(data, seconds)
+        stage.commit(k, spec.name, data, seconds)
         if spec.name == "finetune" and distributed.is_primary():  # the population is committed
           shutil.rmtree(stages.finetune_state_dir(self.workdir, k), ignore_errors=True)
         self._publish()

@@ -13,6 +13,7 @@ refused, not guessed at.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -95,17 +96,21 @@ class Record:
   data: Data
 
 
-def to_json(data: Data, *, seconds: float) -> dict:
-  """summary.json's object for a stage's record."""
-  return {"version": VERSION, "seconds": float(seconds), **dataclasses.asdict(data)}
+def to_json(data: Data, *, iteration: int, stage: str, seconds: float) -> dict:
+  """summary.json's object for a stage's record, checked as `parse` will
+  check it when read back (a value JSON cannot hold, e.g. a NaN loss, fails
+  here, before the stage is committed)."""
+  if not isinstance(data, KINDS.get(stage, ())):
+    raise RecordError(f"the {stage} stage returned a {type(data).__name__} record")
+  out = {"version": VERSION, "seconds": float(seconds), **dataclasses.asdict(data)}
+  parse(json.loads(json.dumps({**out, "iteration": iteration, "stage": stage})),
+        f"the {stage} record of iteration {iteration}")
+  return out
 
 
 def read_summary(path: str, iteration: int, stage: str) -> Record:
   """The record in a stage's summary.json."""
-  try:
-    raw = files.read_json(path)
-  except files.FileError as e:
-    raise RecordError(str(e)) from None
+  raw = files.read_json(path, error=RecordError)
   if not isinstance(raw, dict):
     raise RecordError(f"{path}: expected a JSON object, got {type(raw).__name__}")
   return parse({**raw, "iteration": iteration, "stage": stage}, path)

@@ -69,10 +69,7 @@ def read_run(workdir: str) -> Run:
   if not os.path.isfile(metrics_path):
     raise ReportError(f"{metrics_path}: not found (has the run evaluated anything yet?)")
   config_path = os.path.join(workdir, "config.json")
-  try:
-    config = files.read_json(config_path)
-  except files.FileError as e:
-    raise ReportError(str(e)) from None
+  config = files.read_json(config_path, error=ReportError)
   if not isinstance(config, dict):
     raise ReportError(f"{config_path}: expected a JSON object")
   name = config.get("name") or os.path.basename(os.path.abspath(workdir))
@@ -482,10 +479,12 @@ def write(workdir: str, *, baselines: Mapping[str, str] = {}, out_dir: str | Non
 
 def scalars(done: Iterable[Record]) -> list[tuple[str, float, int]]:
   """(tag, value, step=iteration) of every number in the records: fields as
-  `stage/field`, per-agent lists as `stage/field/agent_i` (None entries
-  skipped), plus `eval/cross_nll_offdiag`."""
+  `stage/field` (and `stage/seconds`), per-agent lists as
+  `stage/field/agent_i` (None entries skipped), plus `eval/cross_nll_offdiag`."""
   out = []
-  for (k, stage), data in sorted({(r.iteration, r.stage): r.data for r in done}.items()):
+  for (k, stage), r in sorted({(r.iteration, r.stage): r for r in done}.items()):
+    data = r.data
+    out.append((f"{stage}/seconds", r.seconds, k))
     for field, value in dataclasses.asdict(data).items():
       if isinstance(value, (int, float)) and not isinstance(value, bool):
         out.append((f"{stage}/{field}", float(value), k))

@@ -214,7 +214,7 @@ jax.tree_util.register_dataclass(Samples, data_fields=["tokens", "logprobs", "le
                                  meta_fields=[])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # leaves are arrays: no field-wise ==
 class DecodeState:
   """Every agent's decode state: what `prefill` leaves and `decode` goes on
   from (a pytree; R = B * num_samples rows, S cache slots).
@@ -366,7 +366,7 @@ def _decode(pop, state: DecodeState, key, row_ids, cfg, method, max_new_tokens, 
   weights = decode_weights(pop, cfg)
   step_all = jax.vmap(functools.partial(_step_one, cfg=cfg, method=method, stops=stops,
                                         pad_id=pad_id),
-                      in_axes=(_weight_axes(weights), 0, {**_KV_AXES, "index": None}, 0, None),
+                      in_axes=(_weight_axes(weights), 0, STATE_AXES.cache(), 0, None),
                       out_axes=(0, _KV_AXES), spmd_axis_name=spmd_axis_name)
   cache = state.cache()
 

@@ -163,7 +163,7 @@ def constrain_state(state, param_axes_tree, rules=None):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return state
-  specs = state_specs(state, param_axes_tree, mesh, rules or _RULES.get())
+  specs = state_specs(state, param_axes_tree, mesh, _RULES.get() if rules is None else rules)
   return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
@@ -198,7 +198,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=None) -> jax.Array
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  spec = logical_to_spec(axes, x.shape, mesh, rules or _RULES.get())
+  spec = logical_to_spec(axes, x.shape, mesh, _RULES.get() if rules is None else rules)
   free = PartitionSpec.UNCONSTRAINED
   return jax.lax.with_sharding_constraint(
       x, PartitionSpec(*(free if s is None else s for s in spec)))

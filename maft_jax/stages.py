@@ -37,6 +37,8 @@ from maft_jax.model import Params
 from maft_jax.tasks import Problem, Task
 
 NAMES = ("debate", "select", "finetune", "eval")
+
+
 def stage_key(seed: int, iteration: int, stage: str) -> jax.Array:
   """The stage's key, derived from (seed, iteration, stage) alone."""
   return seeds.key(seed, iteration, NAMES.index(stage))

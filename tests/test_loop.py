@@ -165,7 +165,14 @@ def test_stage_records_round_trip_and_damaged_or_foreign_ones_are_named(tmp_path
   data = records.Finetune(examples=[3, 0], steps=[2, 0], final_loss=[0.5, None], tokens=40)
   stage = loop.Stage(str(tmp_path), 1, "finetune")
   stage.begin()
-  stage.commit(data, seconds=2.5)
+  # Checked as it will be read, before anything is committed.
+  with pytest.raises(records.RecordError, match="'final_loss' must be"):
+    stage.commit(1, "finetune", records.Finetune(examples=[1], steps=[1],
+                                                 final_loss=[float("nan")], tokens=4), 1.0)
+  with pytest.raises(records.RecordError, match="the finetune stage returned a Debate"):
+    stage.commit(1, "finetune", records.Debate(problems=1, responses=2), 1.0)
+  assert not stage.done
+  stage.commit(1, "finetune", data, seconds=2.5)
   got = stage.record(1, "finetune")
   assert got == records.Record(1, "finetune", 2.5, data)
   assert records.parse(records.to_line(got), "x") == got
@@ -182,3 +189,11 @@ def test_stage_records_round_trip_and_damaged_or_foreign_ones_are_named(tmp_path
     f.write(json.dumps(raw)[:20])
   with pytest.raises(config.ConfigError, match=f"{path}: not valid JSON"):
     stage.record(1, "finetune")
+  # A rerun refuses such a workdir before any stage runs.
+  plan = config.validate({"model": {"source": "demo"}, "iterations": 1})
+  run = loop.Run(plan, str(tmp_path))
+  with open(os.path.join(str(tmp_path), "config.json"), "w") as f:
+    json.dump(plan.config, f)
+  with pytest.raises(config.ConfigError, match=f"{path}: not valid JSON"):
+    run.check_workdir()
+  assert run._env is None  # nothing built, nothing loaded

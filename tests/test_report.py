@@ -309,6 +309,7 @@ def test_tensorboard_is_rewritten(run_dir):
   assert ("finetune/final_loss/agent_1", 1) not in values    # null
   assert values["eval/cross_nll_offdiag", 2] == pytest.approx(3.1)
   assert values["debate/responses", 2] == 900
+  assert values["finetune/seconds", 1] == 9.0 and values["eval/seconds", 1] == 1.5
 
 
 def test_cli(run_dir, baseline_dir, tmp_path):

@@ -94,7 +94,8 @@ def test_activations_follow_the_rule_table(pop, monkeypatch):
   def spy(x, axes, rules=None):
     y = constrain(x, axes, rules)
     mesh = jax.sharding.get_abstract_mesh()
-    want = sharding.logical_to_spec(axes, x.shape, mesh, rules or sharding._RULES.get())
+    want = sharding.logical_to_spec(axes, x.shape, mesh,
+                                    sharding._RULES.get() if rules is None else rules)
     jax.debug.inspect_array_sharding(
         y, callback=lambda s, a=tuple(axes), w=want, m=mesh: seen.append((a, w, s.spec, m)))
     return y
@@ -131,7 +132,7 @@ def test_a_placements_rules_govern_its_programs(pop, monkeypatch):
   def spy(x, axes, rules=None):
     if axes[2] == "mlp":
       seen.append(sharding.logical_to_spec(axes, x.shape, jax.sharding.get_abstract_mesh(),
-                                           rules or sharding._RULES.get()))
+                                           sharding._RULES.get() if rules is None else rules))
     return constrain(x, axes, rules)
   monkeypatch.setattr(sharding, "constrain", spy)
   mesh = sharding.make_mesh((1, 1, 4, 2))

@@ -17,6 +17,7 @@ checkpoint: its answers are the GGUF model's, a little worse than the original.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -71,7 +72,10 @@ def convert(source: str, out_dir: str) -> str:
     raise ConvertError(f"converting GGUF needs torch and transformers ({e}); install the "
                        "test requirements: pip install -r requirements-test.txt") from None
   folder, name = os.path.split(os.path.abspath(path))
-  quantized = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+  with _one_gguf_reader():
+    quantized = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                        dtype=torch.float32)
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
   # transformers keeps the GGUF quantization_config on the dequantised model and
   # then refuses to save it; the same architecture without it takes the weights.
   config = quantized.config
@@ -79,7 +83,6 @@ def convert(source: str, out_dir: str) -> str:
     del config.quantization_config
   model = type(quantized)(config)
   model.load_state_dict(quantized.state_dict(), strict=True)
-  tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
   partial = out_dir.rstrip("/") + ".partial"
   shutil.rmtree(partial, ignore_errors=True)  # a killed conversion's leftovers
   model.save_pretrained(partial, safe_serialization=True)
@@ -89,6 +92,27 @@ def convert(source: str, out_dir: str) -> str:
                     "transformers": tf.__version__})
   files.commit_dir(partial, out_dir)
   return out_dir
+
+
+@contextlib.contextmanager
+def _one_gguf_reader():
+  """transformers parses the file again for the config, the weights and the
+  tokenizer (its metadata, a 49k-token vocabulary for SmolLM2: ~5 s each on
+  2 cores); within this block each path is parsed once. The reader only reads
+  its memory map, so one can serve every caller."""
+  import gguf
+  original, readers = gguf.GGUFReader, {}
+
+  def reader(path, *args, **kwargs):
+    key = (os.path.abspath(path), args, tuple(sorted(kwargs.items())))
+    if key not in readers:
+      readers[key] = original(path, *args, **kwargs)
+    return readers[key]
+  gguf.GGUFReader = reader
+  try:
+    yield
+  finally:
+    gguf.GGUFReader = original
 
 
 _GGUF = flags.DEFINE_string("gguf", None, "A .gguf file, or an installed package holding one.",

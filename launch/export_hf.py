@@ -7,12 +7,9 @@ transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained. Weights are
 written in the dtype the model was imported from unless --dtype says otherwise.
 """
 
-import os
-
-import jax
 from absl import app, flags
 
-from maft_jax import checkpoint, hf, population
+from maft_jax import checkpoint, hf
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Population checkpoint.", required=True)
 _AGENT = flags.DEFINE_string("agent", "all", "Agent index, or 'all'.")
@@ -23,25 +20,20 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Shard safetensors above
 
 def main(argv):
   del argv
-  meta = checkpoint.read_meta(_CHECKPOINT.value)
   if _AGENT.value == "all":
-    agents = list(range(meta.num_agents))
+    agents = None
   else:
     try:
       agents = [int(_AGENT.value)]
     except ValueError:
       raise app.UsageError(f"--agent={_AGENT.value!r}: an index or 'all'") from None
-    if not 0 <= agents[0] < meta.num_agents:
-      raise app.UsageError(f"--agent={agents[0]}: the checkpoint has agents 0..{meta.num_agents - 1}")
-  pop, meta = checkpoint.load_population(_CHECKPOINT.value)
-  dtype = _DTYPE.value or meta.source_dtype
-  for i in agents:
-    out = _OUT.value if _AGENT.value != "all" else os.path.join(_OUT.value, f"agent_{i}")
-    params = jax.device_get(population.select(pop, i))
-    hf.save(out, params, meta.cfg, meta.hf_config, dtype=dtype,
-            tokenizer_dir=checkpoint.tokenizer_dir(_CHECKPOINT.value),
-            max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
-    print(f"wrote {out} (agent {i}, {dtype})")
+  try:
+    dirs = checkpoint.export_hf(_CHECKPOINT.value, _OUT.value, agents=agents, dtype=_DTYPE.value,
+                                max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+  except checkpoint.CheckpointError as e:
+    raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: {e}") from None
+  for out in dirs:
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

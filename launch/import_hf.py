@@ -10,8 +10,7 @@ Pickled .bin/.pt weights are refused.
 
 from absl import app, flags
 
-from maft_jax import checkpoint, hf, population
-from maft_jax.tokenizer import Tokenizer, check_fits
+from maft_jax import checkpoint, hf, model
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Local HF model directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Checkpoint directory to write.", required=True)
@@ -22,15 +21,12 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16
 
 def main(argv):
   del argv
-  tok = Tokenizer(_HF_DIR.value)
-  m = hf.load(_HF_DIR.value, param_dtype=_PARAM_DTYPE.value)
-  check_fits(tok, m.cfg.vocab_size, _HF_DIR.value)
-  pop = population.replicate(m.params, _AGENTS.value)
-  path = checkpoint.save_population(_OUT.value, pop, cfg=m.cfg, hf_config=m.hf_config,
-                                    source_dtype=m.source_dtype, tokenizer_from=_HF_DIR.value)
-  print(f"wrote {path}: {_AGENTS.value} agent(s) of {hf.architecture(m.hf_config)}, "
-        f"{population.model.count_params(m.params):,} parameters each "
-        f"({_PARAM_DTYPE.value}; source {m.source_dtype})")
+  path = checkpoint.import_hf(_HF_DIR.value, _OUT.value, agents=_AGENTS.value,
+                              param_dtype=_PARAM_DTYPE.value)
+  meta = checkpoint.read_meta(path)
+  params = model.count_params(model.param_shapes(meta.cfg))
+  print(f"wrote {path}: {meta.num_agents} agent(s) of {hf.architecture(meta.hf_config)}, "
+        f"{params:,} parameters each ({_PARAM_DTYPE.value}; source {meta.source_dtype})")
 
 
 if __name__ == "__main__":

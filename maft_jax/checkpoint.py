@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from maft_jax import distributed, files, hf, population, sharding
 from maft_jax.model import ModelConfig, Params
+from maft_jax.tokenizer import Tokenizer, check_fits
 
 FORMAT = "maft_jax.population"
 TRAIN_FORMAT = "maft_jax.train"
@@ -105,6 +107,38 @@ def load_population(path: str, *, placement: sharding.Placement = sharding.LOCAL
                           abstract, shards)
   pop = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
   return pop, meta
+
+
+def import_hf(hf_dir: str, out: str, *, agents: int, param_dtype: str = "float32") -> str:
+  """Write a population checkpoint of `agents` copies of the HF model in
+  `hf_dir` (with its tokenizer, which must fit the embedding). `launch.import_hf`."""
+  tok = Tokenizer(hf_dir)  # a missing or broken tokenizer fails before the weights load
+  m = hf.load(hf_dir, param_dtype=param_dtype)
+  check_fits(tok, m.cfg.vocab_size, hf_dir)
+  return save_population(out, population.replicate(m.params, agents), cfg=m.cfg,
+                         hf_config=m.hf_config, source_dtype=m.source_dtype,
+                         tokenizer_from=hf_dir)
+
+
+def export_hf(path: str, out: str, *, agents: Sequence[int] | None = None,
+              dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Write agents of the population checkpoint `path` as HF directories
+  (`agents=None`: every one, as out/agent_<i>; one agent: `out` itself), in
+  the dtype the model was imported from unless `dtype` says otherwise.
+  `launch.export_hf`."""
+  meta = read_meta(path)
+  for i in agents or ():
+    if not 0 <= i < meta.num_agents:
+      raise CheckpointError(f"agent {i}: {path} has agents 0..{meta.num_agents - 1}")
+  pop, meta = load_population(path)
+  dtype = dtype or meta.source_dtype
+  dirs = []
+  for i in range(meta.num_agents) if agents is None else agents:
+    target = os.path.join(out, f"agent_{i}") if agents is None or len(agents) > 1 else out
+    hf.save(target, jax.device_get(population.select(pop, i)), meta.cfg, meta.hf_config,
+            dtype=dtype, tokenizer_dir=tokenizer_dir(path), max_shard_bytes=max_shard_bytes)
+    dirs.append(target)
+  return dirs
 
 
 class TrainCheckpoints:

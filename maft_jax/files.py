@@ -89,6 +89,8 @@ def read_json(path: str, *, error: type[Exception] = FileError) -> Any:
       return json.load(f)
   except FileNotFoundError:
     raise error(f"{path}: missing") from None
+  except OSError as e:  # a directory, no permission, ...
+    raise error(f"{path}: cannot be read ({e.strerror or e})") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise error(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
@@ -105,6 +107,8 @@ def read_jsonl(path: str, *, on_bad_record: str = "error", error: type[Exception
     f = open(path, encoding="utf-8")
   except FileNotFoundError:
     raise error(f"{path}: missing") from None
+  except OSError as e:  # a directory, no permission, ...
+    raise error(f"{path}: cannot be read ({e.strerror or e})") from None
   skipped = 0
   with f:
     for lineno, line in enumerate(f, 1):

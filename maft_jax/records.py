@@ -36,7 +36,9 @@ class Debate:
 
 @dataclasses.dataclass(frozen=True)
 class Select:
-  """Sizes of the selected sets, per agent (A = N generators, then N critics)."""
+  """Sizes of the selected sets. `selected` has one entry per agent (A = N
+  generators, then N critics); `d_g` and star's lists one per generator, the
+  `d_c_*` one per critic; `cross_copies` [role (generators, critics)][N]."""
   mode: str                            # config.selection.mode
   problems: int
   consensus_accuracy: float            # the last round's majority is right
@@ -159,8 +161,9 @@ def parse(raw: Any, where: str) -> Record:
   """The record in a metrics.jsonl object (`where`: its file and line)."""
   if not isinstance(raw, dict):
     raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-  if raw.get("version") != VERSION:
-    raise RecordError(f"{where}: record format version {raw.get('version')!r}; this maft_jax "
+  version = raw.get("version")
+  if type(version) is not int or version != VERSION:  # True and 1.0 are not version 1
+    raise RecordError(f"{where}: record format version {version!r}; this maft_jax "
                       f"reads version {VERSION}. Report it with the maft_jax that wrote it, or "
                       "rerun into a new workdir")
   iteration, stage, seconds = raw.get("iteration"), raw.get("stage"), raw.get("seconds")

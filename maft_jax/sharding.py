@@ -259,21 +259,26 @@ _RULES: contextvars.ContextVar = contextvars.ContextVar("rules", default=DEFAULT
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where a population, its batches and its programs live: a mesh (None:
-  this process's first device, nothing split), the rule table mapping logical
-  axes onto it, and the mesh axis the population's agent axis is split over.
+  this process's first device, nothing split) and the rule table mapping
+  logical axes onto it (a tuple of pairs or a dict). The population's agent
+  axis is split over the mesh axes the table gives the logical axis 'agent'.
 
   One value for a whole run, hashable, so the jitted programs take it as a
-  static argument (`placement=`): their vmap splits the agent axis over
-  `agent_axis` and their activations follow `rules`. Run them under
+  static argument (`placement=`): their vmap splits the agent axis as the
+  table says and their activations follow it. Run them under
   `placement.context()`, which makes the mesh current."""
   mesh: Mesh | None = None
   rules: tuple = DEFAULT_RULES
-  agent_axis: str = "agent"
+
+  def __post_init__(self):
+    pairs = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
+    object.__setattr__(self, "rules", tuple(
+        (name, tuple(t) if isinstance(t, list) else t) for name, t in pairs))
 
   @property
-  def spmd_axis_name(self) -> str | None:
+  def spmd_axis_name(self) -> str | tuple[str, ...] | None:
     """vmap's `spmd_axis_name` for the agent axis (None without a mesh)."""
-    return self.agent_axis if self.mesh is not None else None
+    return dict(self.rules).get("agent") if self.mesh is not None else None
 
   def context(self):
     """Make the mesh current (a no-op without one)."""
@@ -281,22 +286,35 @@ class Placement:
 
   @contextlib.contextmanager
   def tracing(self):
-    """While a jitted program traces: `constrain` uses this placement's rules."""
+    """While a jitted program traces: `constrain` uses this placement's rules.
+    A placement with a mesh must trace under its own `context()`: otherwise
+    `constrain` would find no mesh and silently pin nothing."""
+    if self.mesh is not None:
+      current = jax.sharding.get_abstract_mesh()
+      if current.empty or dict(current.shape) != dict(self.mesh.shape):
+        raise MeshError(f"a program placed on the mesh {dict(self.mesh.shape)} is traced "
+                        f"under {'no mesh' if current.empty else dict(current.shape)}: "
+                        "call it under placement.context()")
     token = _RULES.set(self.rules)
     try:
       yield
     finally:
       _RULES.reset(token)
 
+  def _mesh(self) -> Mesh:
+    if self.mesh is None:
+      raise MeshError("this placement has no mesh (LOCAL): there are no shardings to give")
+    return self.mesh
+
   def spec(self, axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
-    return logical_to_spec(axes, shape, self.mesh, self.rules)
+    return logical_to_spec(axes, shape, self._mesh(), self.rules)
 
   def shardings(self, axes_tree, shapes_tree):
     """NamedShardings of every leaf (the mesh is required)."""
-    return shardings(axes_tree, shapes_tree, self.mesh, self.rules)
+    return shardings(axes_tree, shapes_tree, self._mesh(), self.rules)
 
   def state_shardings(self, state_shapes, param_axes_tree):
-    return state_shardings(state_shapes, param_axes_tree, self.mesh, self.rules)
+    return state_shardings(state_shapes, param_axes_tree, self._mesh(), self.rules)
 
   def put(self, x: np.ndarray, axes: Sequence[str | None]):
     """`host_to_global`: a host array every process holds whole, placed."""

@@ -37,6 +37,12 @@ def env(devices: int = 1, fast_compile: bool = True, **extra: str) -> dict[str, 
   return out
 
 
+def start(module: str, *args: str, devices: int = 1, **popen) -> subprocess.Popen:
+  """`python -m launch.<module>` started in the background (`run` waits)."""
+  return subprocess.Popen([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT,
+                          env=env(devices), **popen)
+
+
 def run(module: str, *args: str, check: bool = True, devices: int = 1, timeout: float = 300,
         fast_compile: bool = True) -> subprocess.CompletedProcess:
   """`devices`: how many (fake) CPU devices the program sees."""
@@ -54,3 +60,13 @@ def records(workdir, timing: bool = True) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     out = [json.loads(line) for line in f]
   return out if timing else [{k: v for k, v in r.items() if k != "seconds"} for r in out]
+
+
+def greedy(hf_dir, prompts, max_new_tokens, tmp_path, *flags, fast_compile=True):
+  """The JSON lines of greedy float32 `launch.sample` on `prompts` (a file);
+  `fast_compile` as in `cli.env`."""
+  path, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  run("sample", f"--hf_dir={hf_dir}", f"--prompts={path}", f"--max_new_tokens={max_new_tokens}",
+      "--temperature=0", "--dtype=float32", f"--output={out}", *flags, fast_compile=fast_compile)
+  return [json.loads(l) for l in out.read_text().splitlines()]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tests import cli
-from tests.test_model_parity import hf_logits, our_logits
-from tests.test_sample_cli import cli_greedy, hf_greedy
+from tests.reference import hf_greedy, hf_logits, our_logits
+
 
 pytestmark = pytest.mark.xdist_group("smollm2")
 
@@ -28,8 +28,9 @@ def _debate_messages():
 
 def test_chat_template_renders_debate_messages_like_transformers(smollm2_dir):
   import transformers as tf
-  from maft_jax.tokenizer import Tokenizer
+
   from maft_jax.sft import tokenize_rows
+  from maft_jax.tokenizer import Tokenizer
   ours, ref = Tokenizer(smollm2_dir), tf.AutoTokenizer.from_pretrained(smollm2_dir)
   assert ours.eos_ids == (ref.eos_token_id,) and ours.pad_id == ref.pad_token_id
   for msgs in _debate_messages():
@@ -89,7 +90,7 @@ def _mean_nll(logits, tokens, mask):
 def test_greedy_chat_sampling_equals_transformers_generate(smollm2_dir, tmp_path):
   prompts = ["What is the result of 2+3*4+1-0*5?", "Name the capital of France.",
              "Write a haiku about gradient descent."]
-  lines = cli_greedy(smollm2_dir, prompts, 64, tmp_path, "--chat", fast_compile=False)
+  lines = cli.greedy(smollm2_dir, prompts, 64, tmp_path, "--chat", fast_compile=False)
   expected = hf_greedy(smollm2_dir, prompts, 64, chat=True)
   assert [l["token_ids"] for l in lines] == expected
   assert "Paris" in lines[1]["text"]  # a real model, not random weights
@@ -99,7 +100,8 @@ def test_one_maft_iteration_of_the_real_model(smollm2_dir, tmp_path):
   """debate -> select -> finetune -> eval through launch.train, and the select
   stage's records follow from the debate's transcripts."""
   from maft_jax.tokenizer import Tokenizer
-  from tests.test_selection import check_stage_records
+
+  from tests.maft_jax.test_selection import check_stage_records
   work = str(tmp_path / "run")
   cli.run("train", "--config=configs/smollm2.py:smoke", f"--config.model.path={smollm2_dir}",
           f"--workdir={work}", "--noprogress", "--noreport", timeout=900, fast_compile=False)

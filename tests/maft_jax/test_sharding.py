@@ -1,30 +1,31 @@
-"""Scale-out on 8 fake CPU devices: a population sampling call and a train
-step on meshes that split agents, data, FSDP and tensor dimensions give the
-results of one device, and the rule table decides where every array lives;
-the memory plan; several processes as one program."""
-
-import json
-import shutil
-import socket
-import subprocess
-import sys
+"""Scale-out on 8 fake CPU devices (maft_jax.sharding and what it places): a
+population sampling call and a train step on meshes that split agents, data,
+FSDP and tensor dimensions give the results of one device, the rule table
+decides where every array and activation lives, bases are copied onto the mesh
+shard by shard, and each process builds only its rows."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import (checkpoint, config, data, distributed, finetune, hf, model, population,
-                      presets, sampling, sft, sharding, source)
+from maft_jax import (checkpoint, data, finetune, hf, model, population, sampling, sft, sharding,
+                      source)
 from maft_jax.sharding import PartitionSpec as P
 
-from launch import common
-from tests import cli
+from tests.reference import same_update
+
 
 CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
 H = finetune.Hyper(learning_rate=1e-3, warmup_frac=0.0, ce_chunk=5)
+
+
 A = 8  # agents: every mesh's agent axis divides it
+
+
 # (agent, data, fsdp, tensor)
 # Two meshes split every axis (each mesh is a compile: 4 took 150 s of the suite).
 MESHES = [(2, 2, 2, 1), (1, 1, 4, 2)]
@@ -124,30 +125,42 @@ def test_activations_follow_the_rule_table(pop, monkeypatch):
 
 def test_a_placements_rules_govern_its_programs(pop, monkeypatch):
   """The rule table of a `Placement` is the one its programs pin activations
-  with, and two placements on one mesh that differ only in rules compile two
-  programs (the placement is part of the jit cache key)."""
-  seen = []
+  with (and the compiled program splits them so), and two placements on one
+  mesh that differ only in rules compile two programs (the placement is part
+  of the jit cache key). A placement with a mesh traced outside its context
+  is refused instead of silently pinning nothing."""
+  seen, rules_seen = [], []
   constrain = sharding.constrain
 
   def spy(x, axes, rules=None):
+    y = constrain(x, axes, rules)
     if axes[2] == "mlp":
-      seen.append(sharding.logical_to_spec(axes, x.shape, jax.sharding.get_abstract_mesh(),
-                                           sharding._RULES.get() if rules is None else rules))
-    return constrain(x, axes, rules)
+      rules_seen.append(sharding._RULES.get() if rules is None else rules)
+      jax.debug.inspect_array_sharding(y, callback=lambda s: seen.append(s.spec))
+    return y
   monkeypatch.setattr(sharding, "constrain", spy)
   mesh = sharding.make_mesh((1, 1, 4, 2))
   placed = jax.device_put(pop, sharding.shardings(population.axes(CFG), pop, mesh))
   tokens = jnp.asarray(np.random.default_rng(1).integers(1, 64, (4, 8)), jnp.int32)
-  no_tp_mlp = tuple((k, None if k == "mlp" else v) for k, v in sharding.DEFAULT_RULES)
+  no_tp_mlp = {k: None if k == "mlp" else v for k, v in sharding.DEFAULT_RULES}
   fwd = jax.jit(population.forward, static_argnames=("cfg", "placement"))
   outs = []
   for placement in (sharding.Placement(mesh), sharding.Placement(mesh, rules=no_tp_mlp)):
     seen.clear()
+    rules_seen.clear()
     with placement.context():
       outs.append(fwd(placed, tokens, cfg=CFG, placement=placement))
-    assert seen and all(s == P("fsdp", None, "tensor" if placement.rules is sharding.DEFAULT_RULES
-                               else None) for s in seen), seen
+    assert rules_seen and all(r == placement.rules for r in rules_seen)  # traced again
+    if placement.rules == sharding.DEFAULT_RULES:
+      # [agent, batch, length, mlp]: batch on fsdp, mlp on tensor (agent is 1 here).
+      assert seen and all((_drop_unit_axes(s, mesh) + (None,) * 4)[1:4] ==
+                          ("fsdp", None, "tensor") for s in seen), seen
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  untraced = sharding.Placement(mesh, rules=dict(no_tp_mlp, vocab=None))
+  with pytest.raises(sharding.MeshError, match="placement.context"):
+    fwd(placed, tokens, cfg=CFG, placement=untraced)
+  with pytest.raises(sharding.MeshError, match="no mesh"):
+    sharding.LOCAL.shardings(population.axes(CFG), pop)
 
 
 def _drop_unit_axes(spec, mesh):
@@ -231,7 +244,7 @@ def test_one_agent_checkpoint_base_is_copied_onto_the_mesh(hf_models, tmp_path):
   read onto a local device, copied onto an agent x fsdp mesh by the rule
   table; a checkpoint of several agents gives its first ones, or refuses more."""
   ckpt = str(tmp_path / "ckpt")
-  cli.run("import_hf", f"--hf_dir={hf_models('llama')}", f"--out={ckpt}", "--agents=1")
+  checkpoint.import_hf(hf_models("llama"), ckpt, agents=1)
   src = source.describe("checkpoint", ckpt, dtype="float32")
   mesh = sharding.make_mesh((2, 1, 4, 1))
   pop = source.load(src, 4, sharding.Placement(mesh))
@@ -272,141 +285,7 @@ def test_train_step_on_meshes_matches_one_device(pop):
     # The updated parameters stay where the rule table put them.
     _follows_rules(got["params"], population.axes(CFG), mesh)
     np.testing.assert_allclose(m_got["loss"], m_expected["loss"], rtol=1e-5, err_msg=str(sizes))
-    jax.tree.map(lambda x, y: _same_update(np.asarray(x), np.asarray(y), str(sizes)),
+    jax.tree.map(lambda x, y: same_update(np.asarray(x), np.asarray(y), str(sizes), H.learning_rate),
                  got["params"], expected["params"])
 
 
-def _same_update(x, y, where, lr=H.learning_rate):
-  """Equal parameters after one Adam step, to fp32 reduction order. Adam's
-  first step is ~lr * g / (|g| + eps): where a gradient is about eps, a
-  last-bit difference in g moves the update by a visible fraction of lr, so
-  a few such elements may differ by up to 5% of lr; the rest agree to 1e-6."""
-  diff = np.abs(x - y)
-  assert diff.max() <= 0.05 * lr, (where, diff.max())
-  assert np.mean(diff > 1e-6) < 1e-3, (where, np.mean(diff > 1e-6))
-
-
-def test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh(tmp_path):
-  """A full-size paper config (Llama-3-8B, 3 generators + 3 critics), planned
-  from its config.json alone: no weights exist, nothing is written."""
-  model_dir = tmp_path / "llama3"
-  model_dir.mkdir()
-  (model_dir / "config.json").write_text(json.dumps(presets.hf_config("llama-3-8b")))
-  args = ["--config=configs/paper.py:model=llama3,task=arithmetic",
-          f"--config.model.path={model_dir}", f"--workdir={tmp_path / 'run'}", "--dry_run"]
-  one = cli.run("train", *args, "--device_memory_gb=80", check=False)
-  assert one.returncode == 1, one.stderr[-2000:]
-  # 6 agents x 8.03B parameters x (4 bytes f32 + 8 bytes Adam) on one device.
-  assert "parameters (f32 master)    192.73" in one.stdout
-  assert "optimizer state            385.45" in one.stdout
-  last = one.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: the run needs 578.2 GB per device, more than the 80.0 GB")
-  assert "config.mesh.fsdp" in last and "config.finetune.lora_rank" in last
-  assert "temporaries          -" in one.stdout  # refused before compiling anything
-
-  pod = cli.run("train", *args, "--device_memory_gb=95", "--config.mesh.agent=2",
-                devices=64)
-  assert "64 devices, mesh agent=2 x data=1 x fsdp=32 x tensor=1" in pod.stdout
-  assert "parameters (f32 master)      3.01" in pod.stdout   # 192.73 / 64
-  assert "-> fits" in pod.stdout and "temporaries          -" not in pod.stdout
-  # Choices that fit but leave devices computing copies are named.
-  assert "note: config.mesh.agent=2 does not divide agents.generators=3" in pod.stdout
-  assert ("note: config.finetune.batch_size=4 is not a multiple of mesh.data x mesh.fsdp = 32"
-          in pod.stdout)
-  assert "note:" not in one.stdout
-  assert not (tmp_path / "run").exists()
-
-
-def _floats_close(a, b, path=""):
-  """Equal JSON values, floats to 1e-5 relative (collectives may sum in another order)."""
-  if isinstance(a, dict):
-    assert a.keys() == b.keys(), path
-    for k in a:
-      _floats_close(a[k], b[k], f"{path}.{k}")
-  elif isinstance(a, list):
-    assert len(a) == len(b), path
-    for i, (x, y) in enumerate(zip(a, b)):
-      _floats_close(x, y, f"{path}[{i}]")
-  elif isinstance(a, float):
-    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
-  else:
-    assert a == b, (path, a, b)
-
-
-def test_two_processes_run_one_iteration_like_one_process(tmp_path):
-  """Two real processes on localhost (2 fake CPU devices each, one global
-  mesh of 4: split within and across processes) run one MAFT iteration of
-  the smoke config; their records equal a single-process 4-device run's, and
-  the checkpoint they wrote restores in this one process; launch.evaluate, on
-  one device, reproduces the run's evaluation although the run's mesh
-  (fsdp=4) does not fit there. (Two processes of 4 devices each cost twice
-  the CPU and test nothing more: 8-device meshes are tested in-process.)"""
-  args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--config.mesh.fsdp=4",
-          "--noprogress", "--noreport"]
-  one, two = tmp_path / "one", tmp_path / "two"
-  cli.run("train", *args, f"--workdir={one}", devices=4)
-  shutil.copytree(one / "demo_base", two / "demo_base")  # the same base, not rebuilt
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = cli.env(devices=2)
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "launch.train", *args, f"--workdir={two}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=cli.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, err in zip(procs, errs):
-    assert p.returncode == 0, err[-3000:]
-  for i, err in enumerate(errs):  # each process built only its half of every batch (fsdp=4)
-    assert f"process {i} builds rows [[[{4 * i}, {4 * i + 4}]], [[{4 * i}, {4 * i + 4}]]," in err
-
-  _floats_close(cli.records(two, timing=False), cli.records(one, timing=False))
-  for name in ("debate", "eval"):
-    a = json.loads((one / "iter_01" / name / "debate.json").read_text())
-    b = json.loads((two / "iter_01" / name / "debate.json").read_text())
-    assert a == b, name  # the same transcripts, token for token
-
-  mesh = sharding.make_mesh((1, 1, 4, 1), jax.devices()[:4])
-  pops = [checkpoint.load_population(str(w / "iter_01" / "finetune" / "population"),
-                                     placement=sharding.Placement(mesh))[0]
-          for w in (one, two)]
-  lr = 3e-4  # configs/demo.py's finetune.learning_rate
-  jax.tree.map(lambda x, y: _same_update(np.asarray(x), np.asarray(y), "checkpoint", lr), *pops)
-
-  out = tmp_path / "eval.json"
-  proc = cli.run("evaluate", f"--workdir={two}", f"--output={out}", devices=1)
-  assert "the run's mesh does not fit here" in proc.stderr
-  evaluated, final_eval = json.loads(out.read_text()), cli.records(two)[-1]
-  for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate"):
-    assert evaluated[key] == final_eval[key], key
-  np.testing.assert_allclose(evaluated["cross_nll"], final_eval["cross_nll"], rtol=1e-5)
-
-
-def test_distributed_flags_are_checked_before_joining():
-  with pytest.raises(ValueError, match="give all of --coordinator_address"):
-    distributed.initialize("localhost:1234", None, 0)
-  with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
-    distributed.initialize("localhost:1234", 2, 2)
-  distributed.initialize("localhost:1234", 1, 0)  # one process: nothing to join
-  assert jax.process_count() == 1 and distributed.is_primary()
-  x = np.arange(4.0)
-  np.testing.assert_array_equal(distributed.to_host(jnp.asarray(x)), x)
-
-
-@pytest.mark.parametrize("text", ["agent", "agent=--2", "agent=2,,fsdp=-1", "", "agent=2,agent=4",
-                                  "pipeline=2"])
-def test_evaluate_mesh_flag_errors_name_the_flag(text):
-  with pytest.raises(config.ConfigError, match="--mesh=.*expected distinct axis=size"):
-    common.mesh_for_here({}, text)
-
-
-def test_evaluate_mesh_flag_overrides_the_default_mesh():
-  config, note = common.mesh_for_here({"mesh": {"fsdp": 64}}, "agent=2, tensor=2")
-  assert config["mesh"] == {"agent": 2, "data": 1, "fsdp": -1, "tensor": 2} and note is None
-  config, note = common.mesh_for_here({"mesh": {"agent": 1, "fsdp": 64}}, None)
-  assert config["mesh"]["fsdp"] == -1 and "the run's mesh does not fit here" in note

@@ -1,30 +1,37 @@
-"""launch.train end to end on configs/demo.py:smoke: two MAFT iterations (one
-run, shared by the tests that read it), resume semantics (a rerun does
-nothing, a changed config is refused, a run killed between stages and
-mid-finetune resumes to the same result), launch.evaluate, the report, and
-STaR through the same loop."""
+"""launch.train end to end on configs/demo.py:smoke: two MAFT iterations (one run,
+shared by the tests that read it), resume semantics (a rerun does nothing, a
+changed config is refused, a run killed between stages and mid-finetune resumes
+to the same result), STaR through the same loop, one-line config errors, the
+memory plan (--dry_run), two processes as one program; launch.evaluate on a
+run's workdir."""
 
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
-import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
+from maft_jax import checkpoint, config, presets, sharding
+
+from launch import common
 from tests import cli, once
+from tests.reference import same_update
+
 
 CONFIG = "--config=configs/demo.py:smoke"
 
 
 def _kill_when(workdir, ready, timeout=240):
   """Start launch.train; SIGKILL it as soon as `ready()` holds."""
-  proc = subprocess.Popen([sys.executable, "-m", "launch.train", CONFIG, f"--workdir={workdir}",
-                           "--config.finetune.save_every=1", "--noprogress", "--noreport"],
-                          cwd=cli.ROOT, env=cli.env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = cli.start("train", CONFIG, f"--workdir={workdir}", "--config.finetune.save_every=1",
+                   "--noprogress", "--noreport", stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
   deadline = time.time() + timeout
   try:
     while not ready():
@@ -68,7 +75,8 @@ def test_smoke_run_records_checkpoints_and_report(smoke_run):
       assert [s > 0 for s in r["steps"]] == [e > 0 for e in r["examples"]]
   # What each select stage wrote follows from its debate's transcript.
   from maft_jax.tokenizer import Tokenizer
-  from tests.test_selection import check_stage_records
+
+  from tests.maft_jax.test_selection import check_stage_records
   tok = Tokenizer(os.path.join(work, "demo_base"))
   for k in (1, 2):
     check_stage_records(work, k, critic_weight=0.5, tokenizer=tok)
@@ -217,3 +225,118 @@ def test_task_options_from_the_command_line(monkeypatch):
     _parse(CONFIG, "--config.debate.rounds=2", "--config.debate.roundz=3")
   with pytest.raises(SystemExit, match="expected int"):
     _parse(CONFIG, "--config.task.options.max_value=five")
+
+
+
+
+def test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh(tmp_path):
+  """A full-size paper config (Llama-3-8B, 3 generators + 3 critics), planned
+  from its config.json alone: no weights exist, nothing is written."""
+  model_dir = tmp_path / "llama3"
+  model_dir.mkdir()
+  (model_dir / "config.json").write_text(json.dumps(presets.hf_config("llama-3-8b")))
+  args = ["--config=configs/paper.py:model=llama3,task=arithmetic",
+          f"--config.model.path={model_dir}", f"--workdir={tmp_path / 'run'}", "--dry_run"]
+  one = cli.run("train", *args, "--device_memory_gb=80", check=False)
+  assert one.returncode == 1, one.stderr[-2000:]
+  # 6 agents x 8.03B parameters x (4 bytes f32 + 8 bytes Adam) on one device.
+  assert "parameters (f32 master)    192.73" in one.stdout
+  assert "optimizer state            385.45" in one.stdout
+  last = one.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the run needs 578.2 GB per device, more than the 80.0 GB")
+  assert "config.mesh.fsdp" in last and "config.finetune.lora_rank" in last
+  assert "temporaries          -" in one.stdout  # refused before compiling anything
+
+  pod = cli.run("train", *args, "--device_memory_gb=95", "--config.mesh.agent=2",
+                devices=64)
+  assert "64 devices, mesh agent=2 x data=1 x fsdp=32 x tensor=1" in pod.stdout
+  assert "parameters (f32 master)      3.01" in pod.stdout   # 192.73 / 64
+  assert "-> fits" in pod.stdout and "temporaries          -" not in pod.stdout
+  # Choices that fit but leave devices computing copies are named.
+  assert "note: config.mesh.agent=2 does not divide agents.generators=3" in pod.stdout
+  assert ("note: config.finetune.batch_size=4 is not a multiple of mesh.data x mesh.fsdp = 32"
+          in pod.stdout)
+  assert "note:" not in one.stdout
+  assert not (tmp_path / "run").exists()
+
+
+def _floats_close(a, b, path=""):
+  """Equal JSON values, floats to 1e-5 relative (collectives may sum in another order)."""
+  if isinstance(a, dict):
+    assert a.keys() == b.keys(), path
+    for k in a:
+      _floats_close(a[k], b[k], f"{path}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _floats_close(x, y, f"{path}[{i}]")
+  elif isinstance(a, float):
+    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
+  else:
+    assert a == b, (path, a, b)
+
+
+def test_two_processes_run_one_iteration_like_one_process(tmp_path):
+  """Two real processes on localhost (2 fake CPU devices each, one global
+  mesh of 4: split within and across processes) run one MAFT iteration of
+  the smoke config; their records equal a single-process 4-device run's, and
+  the checkpoint they wrote restores in this one process; launch.evaluate, on
+  one device, reproduces the run's evaluation although the run's mesh
+  (fsdp=4) does not fit there. (Two processes of 4 devices each cost twice
+  the CPU and test nothing more: 8-device meshes are tested in-process.)"""
+  args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--config.mesh.fsdp=4",
+          "--noprogress", "--noreport"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  cli.run("train", *args, f"--workdir={one}", devices=4)
+  shutil.copytree(one / "demo_base", two / "demo_base")  # the same base, not rebuilt
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [cli.start("train", *args, f"--workdir={two}", f"--coordinator_address=localhost:{port}",
+                     "--num_processes=2", f"--process_id={i}", devices=2,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  for i, err in enumerate(errs):  # each process built only its half of every batch (fsdp=4)
+    assert f"process {i} builds rows [[[{4 * i}, {4 * i + 4}]], [[{4 * i}, {4 * i + 4}]]," in err
+
+  _floats_close(cli.records(two, timing=False), cli.records(one, timing=False))
+  for name in ("debate", "eval"):
+    a = json.loads((one / "iter_01" / name / "debate.json").read_text())
+    b = json.loads((two / "iter_01" / name / "debate.json").read_text())
+    assert a == b, name  # the same transcripts, token for token
+
+  mesh = sharding.make_mesh((1, 1, 4, 1), jax.devices()[:4])
+  pops = [checkpoint.load_population(str(w / "iter_01" / "finetune" / "population"),
+                                     placement=sharding.Placement(mesh))[0]
+          for w in (one, two)]
+  lr = 3e-4  # configs/demo.py's finetune.learning_rate
+  jax.tree.map(lambda x, y: same_update(np.asarray(x), np.asarray(y), "checkpoint", lr), *pops)
+
+  out = tmp_path / "eval.json"
+  proc = cli.run("evaluate", f"--workdir={two}", f"--output={out}", devices=1)
+  assert "the run's mesh does not fit here" in proc.stderr
+  evaluated, final_eval = json.loads(out.read_text()), cli.records(two)[-1]
+  for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate"):
+    assert evaluated[key] == final_eval[key], key
+  np.testing.assert_allclose(evaluated["cross_nll"], final_eval["cross_nll"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["agent", "agent=--2", "agent=2,,fsdp=-1", "", "agent=2,agent=4",
+                                  "pipeline=2"])
+def test_evaluate_mesh_flag_errors_name_the_flag(text):
+  with pytest.raises(config.ConfigError, match="--mesh=.*expected distinct axis=size"):
+    common.mesh_for_here({}, text)
+
+
+def test_evaluate_mesh_flag_overrides_the_default_mesh():
+  config, note = common.mesh_for_here({"mesh": {"fsdp": 64}}, "agent=2, tensor=2")
+  assert config["mesh"] == {"agent": 2, "data": 1, "fsdp": -1, "tensor": 2} and note is None
+  config, note = common.mesh_for_here({"mesh": {"agent": 1, "fsdp": 64}}, None)
+  assert config["mesh"]["fsdp"] == -1 and "the run's mesh does not fit here" in note

@@ -42,3 +42,8 @@ def test_readers_name_the_file_and_line(tmp_path):
   (tmp_path / "r.jsonl").write_text(json.dumps({"a": 1}) + "\n\n{oops\n")
   with pytest.raises(files.FileError, match=r"r\.jsonl:3: malformed record \(not valid JSON"):
     list(files.read_jsonl(str(tmp_path / "r.jsonl")))
+  # A directory where a file should be is named as unreadable, not a traceback.
+  (tmp_path / "adir").mkdir()
+  for read in (files.read_json, lambda p: list(files.read_jsonl(p))):
+    with pytest.raises(files.FileError, match=r"adir: cannot be read"):
+      read(str(tmp_path / "adir"))

@@ -50,7 +50,7 @@ def test_shapes_and_targets():
 
 def test_lora_training_updates_adapters_only_and_learns():
   from maft_jax import finetune
-  from tests.test_finetune import _batches, _examples, _stack_agents
+  from tests.maft_jax.test_finetune import _batches, _examples, _stack_agents
   # A frozen head of std 0.02 cannot express confident logits whatever the
   # adapters do; a larger init gives the adapters something to steer.
   base = model.init_params(CFG, jax.random.key(3), init_std=0.3)

@@ -128,3 +128,32 @@ def test_kept_count_has_no_float_off_by_one():
   gen_ok = jnp.zeros_like(first)
   *_, kept = scoring.paper_selection(gen_ok, first, final, jax.random.key(0), critic_weight=0.2)
   assert int(np.asarray(kept).sum()) == 52
+
+
+def test_scoring_rows_layout_and_row_nll_is_every_agents_nll_of_every_row():
+  from maft_jax import model, population
+  r = scoring.scoring_rows([5, 6, 7, 8], [9, 10], seq_len=5, pad_id=0)
+  assert r["tokens_BxT"].tolist() == [6, 7, 8, 9, 10]       # prompt cut from the left
+  assert r["loss_mask_BxT"].tolist() == [0, 0, 0, 1, 1]
+  r = scoring.scoring_rows([5], [], seq_len=4, pad_id=0)
+  assert r["loss_mask_BxT"].sum() == 0 and r["segment_ids_BxT"].tolist() == [1, 0, 0, 0]
+  cfg = model.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, head_dim=8, dtype="float32")
+  pop = population.init(cfg, jax.random.key(0), 2)
+  rng = np.random.default_rng(0)
+  rows = [[scoring.scoring_rows(rng.integers(1, 32, 3).tolist(), rng.integers(1, 32, 4).tolist(),
+                                8, 0) for _ in range(3)] for _ in range(2)]
+  batch = {k: np.stack([np.stack([x[k] for x in a]) for a in rows]) for k in rows[0][0]}
+  sums, counts = scoring.row_nll(pop, batch, cfg=cfg)
+  # Reference: each scorer's logits of each row alone, log-softmax by hand.
+  for s in range(2):
+    params = population.select(pop, s)
+    for a in range(2):
+      for b in range(3):
+        r = rows[a][b]
+        logits, _ = model.forward(params, r["tokens_BxT"][None], cfg=cfg)
+        logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        scored = np.flatnonzero(r["loss_mask_BxT"][1:])   # position t predicts token t+1
+        nll = -sum(float(logp[t, r["tokens_BxT"][t + 1]]) for t in scored)
+        assert int(counts[s, a, b]) == len(scored)
+        np.testing.assert_allclose(float(sums[s, a, b]), nll, rtol=1e-4)

@@ -13,7 +13,10 @@ import pytest
 
 from maft_jax import data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli
+
+
+ROOT = cli.ROOT
 KEYS = ("tokens_BxT", "loss_mask_BxT", "segment_ids_BxT", "positions_BxT")
 
 
@@ -458,6 +461,7 @@ def test_empty_and_too_small_inputs_are_refused():
 _CHILD = """
 import json
 from maft_jax import data
+from tests import cli
 examples = [{"prompt_ids": [i] * (i % 5), "completion_ids": [i + 100] * (1 + i % 3)}
             for i in range(20)]
 sft = data.sft_batches(examples, batch_size=2, seq_len=8, seed=11, pad_id=0, num_epochs=2,

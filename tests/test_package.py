@@ -1,0 +1,16 @@
+"""The package as a whole: the library never imports torch."""
+
+from tests import cli
+
+
+def test_library_never_imports_torch(hf_models):
+  import subprocess
+  import sys
+  code = ("import sys, jax; from launch import common, sample; "
+          "from maft_jax import checkpoint, hf, model, population, sampling, sharding, presets, "
+          "source; "
+          f"s = source.describe('hf', {hf_models('gemma')!r}, dtype='float32'); "
+          "source.load(s, 2); s.tokenizer().encode('hi'); "
+          "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=cli.ROOT,
+                 env={**__import__("os").environ, "PYTHONPATH": cli.ROOT})

@@ -16,6 +16,7 @@ a pod, evaluated on one card) is evaluated with the default mesh, fsdp over
 every device; the metrics match up to floating-point differences.
 """
 
+import dataclasses
 import json
 import os
 
@@ -81,7 +82,7 @@ def main(argv):
     key = seeds.key(_SEED.value)
   pop = run.load_population(k)
   result, _, _ = stages.eval_debate(run.env, pop, key=key)
-  result = {"source": source, **result}
+  result = {"source": source, **dataclasses.asdict(result)}
   text = json.dumps(result, indent=1)
   print(text)
   from maft_jax import distributed

@@ -215,7 +215,7 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune,
 
 
 def eval_debate(env: Env, pop: Params, *, key: jax.Array
-                ) -> tuple[dict, debates.Debate, list[Problem]]:
+                ) -> tuple[records.Eval, debates.Debate, list[Problem]]:
   """Debate on the held-out problems and its metrics (also `launch.evaluate`)."""
   p = env.plan
   problems = env.problems("test")
@@ -223,8 +223,7 @@ def eval_debate(env: Env, pop: Params, *, key: jax.Array
     sample_key, vote_key = jax.random.split(key)
     d = run_debate(env, pop, problems, rounds=p.eval.rounds, options=p.eval.options,
                    key=sample_key)
-    result = metrics.evaluate(d, env.task, problems, vote_key)
-    result["problems"] = len(problems)
+    result = dict(metrics.evaluate(d, env.task, problems, vote_key), problems=len(problems))
     if p.eval.cross_nll:
       # Authors: generators' round-1 responses, critics' last-round responses.
       N, K = p.agents.generators, min(p.eval.nll_problems or len(problems), len(problems))
@@ -233,7 +232,7 @@ def eval_debate(env: Env, pop: Params, *, key: jax.Array
       sums, counts = env.row_nll(pop, rows)
       result["cross_nll"] = (sums.sum(-1) / np.maximum(counts.sum(-1), 1)).tolist()
       result["cross_nll_problems"] = K
-  return result, d, problems
+  return records.Eval(**result), d, problems
 
 
 def evaluate(env: Env, k: int, pop: Params, out: str) -> records.Eval:
@@ -241,4 +240,4 @@ def evaluate(env: Env, k: int, pop: Params, out: str) -> records.Eval:
   result, d, problems = eval_debate(env, pop, key=eval_key(env.plan.seed))
   if distributed.is_primary():
     write_debate(os.path.join(out, "debate.json"), problems, d)
-  return records.Eval(**result)
+  return result

@@ -7,6 +7,7 @@ run's workdir."""
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -276,18 +277,17 @@ def _floats_close(a, b, path=""):
     assert a == b, (path, a, b)
 
 
-def test_two_processes_run_one_iteration_like_one_process(tmp_path):
+def test_two_processes_run_one_iteration_like_one_process(smoke_run, tmp_path):
   """Two real processes on localhost (2 fake CPU devices each, one global
   mesh of 4: split within and across processes) run one MAFT iteration of
-  the smoke config; their records equal a single-process 4-device run's, and
-  the checkpoint they wrote restores in this one process; launch.evaluate, on
-  one device, reproduces the run's evaluation although the run's mesh
-  (fsdp=4) does not fit there. (Two processes of 4 devices each cost twice
-  the CPU and test nothing more: 8-device meshes are tested in-process.)"""
-  args = ["--config=configs/demo.py:smoke", "--config.iterations=1", "--config.mesh.fsdp=4",
-          "--noprogress", "--noreport"]
-  one, two = tmp_path / "one", tmp_path / "two"
-  cli.run("train", *args, f"--workdir={one}", devices=4)
+  the smoke config; their records, transcripts and checkpoint equal those of
+  the one-process, one-device smoke run's first iteration, and the
+  checkpoint restores in this one process; launch.evaluate, on one device,
+  reproduces the run's evaluation although the run's mesh (fsdp=4) does not
+  fit there. (Two processes of 4 devices each cost twice the CPU and test
+  nothing more: 8-device meshes are tested in-process.)"""
+  args = [CONFIG, "--config.iterations=1", "--config.mesh.fsdp=4", "--noprogress", "--noreport"]
+  one, two = pathlib.Path(smoke_run), tmp_path / "two"
   shutil.copytree(one / "demo_base", two / "demo_base")  # the same base, not rebuilt
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -306,7 +306,8 @@ def test_two_processes_run_one_iteration_like_one_process(tmp_path):
   for i, err in enumerate(errs):  # each process built only its half of every batch (fsdp=4)
     assert f"process {i} builds rows [[[{4 * i}, {4 * i + 4}]], [[{4 * i}, {4 * i + 4}]]," in err
 
-  _floats_close(cli.records(two, timing=False), cli.records(one, timing=False))
+  got = cli.records(two, timing=False)
+  _floats_close(got, cli.records(one, timing=False)[:len(got)])
   for name in ("debate", "eval"):
     a = json.loads((one / "iter_01" / name / "debate.json").read_text())
     b = json.loads((two / "iter_01" / name / "debate.json").read_text())

@@ -420,8 +420,8 @@ def test_state_from_another_stream_is_refused():
                               ("grain", {"next_index": 99}, "does not fit this pipeline")]:
     with pytest.raises(data.DataError, match=match):
       same.set_state(dict(state, **{field: value}))
-  with pytest.raises(data.DataError, match="kind='problem_batches'"):
-    same.set_state(dict(state, pipeline=dict(state["pipeline"], kind="problem_batches")))
+  with pytest.raises(data.DataError, match="kind='another_pipeline'"):
+    same.set_state(dict(state, pipeline=dict(state["pipeline"], kind="another_pipeline")))
   same.set_state(state)  # still accepts the real one
   _assert_same_batches(list(same), list(it))
 

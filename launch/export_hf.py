@@ -31,7 +31,7 @@ def main(argv):
     dirs = checkpoint.export_hf(_CHECKPOINT.value, _OUT.value, agents=agents, dtype=_DTYPE.value,
                                 max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
   except checkpoint.CheckpointError as e:
-    raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: {e}") from None
+    raise app.UsageError(str(e)) from None  # names the checkpoint, or the agent out of range
   for out in dirs:
     print(f"wrote {out}")
 

@@ -82,17 +82,23 @@ def commit_dir(partial: str, final: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-def read_json(path: str, *, error: type[Exception] = FileError) -> Any:
-  """The JSON value in `path`; a missing or damaged file raises `error` naming it."""
+def _open(path: str, error: type[Exception]):
+  """`path` open for reading text; a missing or unreadable one raises `error` naming it."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return open(path, encoding="utf-8")
   except FileNotFoundError:
     raise error(f"{path}: missing") from None
   except OSError as e:  # a directory, no permission, ...
     raise error(f"{path}: cannot be read ({e.strerror or e})") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise error(f"{path}: not valid JSON ({e}); the file is damaged") from None
+
+
+def read_json(path: str, *, error: type[Exception] = FileError) -> Any:
+  """The JSON value in `path`; a missing or damaged file raises `error` naming it."""
+  with _open(path, error) as f:
+    try:
+      return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise error(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
 def read_jsonl(path: str, *, on_bad_record: str = "error", error: type[Exception] = FileError
@@ -103,14 +109,8 @@ def read_jsonl(path: str, *, on_bad_record: str = "error", error: type[Exception
   and logged instead."""
   if on_bad_record not in ("error", "skip"):
     raise error(f"on_bad_record={on_bad_record!r}: 'error' or 'skip'")
-  try:
-    f = open(path, encoding="utf-8")
-  except FileNotFoundError:
-    raise error(f"{path}: missing") from None
-  except OSError as e:  # a directory, no permission, ...
-    raise error(f"{path}: cannot be read ({e.strerror or e})") from None
   skipped = 0
-  with f:
+  with _open(path, error) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

@@ -37,18 +37,21 @@ def env(devices: int = 1, fast_compile: bool = True, **extra: str) -> dict[str, 
   return out
 
 
+def _command(module: str, *args: str) -> list[str]:
+  return [sys.executable, "-m", f"launch.{module}", *args]
+
+
 def start(module: str, *args: str, devices: int = 1, **popen) -> subprocess.Popen:
   """`python -m launch.<module>` started in the background (`run` waits)."""
-  return subprocess.Popen([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT,
-                          env=env(devices), **popen)
+  return subprocess.Popen(_command(module, *args), cwd=ROOT, env=env(devices), **popen)
 
 
 def run(module: str, *args: str, check: bool = True, devices: int = 1, timeout: float = 300,
         fast_compile: bool = True) -> subprocess.CompletedProcess:
   """`devices`: how many (fake) CPU devices the program sees."""
   env_ = env(devices, fast_compile)
-  proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT, env=env_,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(_command(module, *args), cwd=ROOT, env=env_, capture_output=True,
+                        text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"launch.{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc

@@ -100,7 +100,6 @@ def test_one_maft_iteration_of_the_real_model(smollm2_dir, tmp_path):
   """debate -> select -> finetune -> eval through launch.train, and the select
   stage's records follow from the debate's transcripts."""
   from maft_jax.tokenizer import Tokenizer
-
   from tests.maft_jax.test_selection import check_stage_records
   work = str(tmp_path / "run")
   cli.run("train", "--config=configs/smollm2.py:smoke", f"--config.model.path={smollm2_dir}",

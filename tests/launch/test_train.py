@@ -76,7 +76,6 @@ def test_smoke_run_records_checkpoints_and_report(smoke_run):
       assert [s > 0 for s in r["steps"]] == [e > 0 for e in r["examples"]]
   # What each select stage wrote follows from its debate's transcript.
   from maft_jax.tokenizer import Tokenizer
-
   from tests.maft_jax.test_selection import check_stage_records
   tok = Tokenizer(os.path.join(work, "demo_base"))
   for k in (1, 2):
@@ -199,8 +198,6 @@ def _parse(*args):
   """launch.common.parse_flags on a fresh flag set holding --config."""
   from absl import flags
   from ml_collections import config_flags
-
-  from launch import common
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
   common.parse_flags(["prog", *args], flag_values=fv)
@@ -208,7 +205,6 @@ def _parse(*args):
 
 
 def test_task_options_from_the_command_line(monkeypatch):
-  from maft_jax import config
   monkeypatch.chdir(cli.ROOT)
   # An option the config file never declared reaches the task, typed.
   c = _parse(CONFIG, "--config.task.options.split_seed=3", "--config.task.options.max_value=5")

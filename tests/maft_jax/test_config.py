@@ -76,7 +76,6 @@ def _load_config_file(name):
 
 def test_every_shipped_config_validates(tmp_path, monkeypatch):
   from configs import methods
-
   from tests import cli
   monkeypatch.chdir(cli.ROOT)
   model_dir = tmp_path / "model"

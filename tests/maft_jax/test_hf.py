@@ -58,6 +58,10 @@ def test_sharded_safetensors_and_single_agent_export(tmp_path, tokenizer_dir):
   assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
   assert_bit_identical(src, out)
   tf.AutoModelForCausalLM.from_pretrained(out)
+  # An agent the checkpoint does not hold is named before anything is written.
+  with pytest.raises(checkpoint.CheckpointError, match=r"agent 1: .*ckpt has agents 0\.\.0"):
+    checkpoint.export_hf(ckpt, str(tmp_path / "none"), agents=[1])
+  assert not os.path.exists(tmp_path / "none")
 
 
 @pytest.fixture

@@ -18,14 +18,8 @@ from tests.reference import same_update
 
 CFG = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
-
-
 H = finetune.Hyper(learning_rate=1e-3, warmup_frac=0.0, ce_chunk=5)
-
-
 A = 8  # agents: every mesh's agent axis divides it
-
-
 # (agent, data, fsdp, tensor)
 # Two meshes split every axis (each mesh is a compile: 4 took 150 s of the suite).
 MESHES = [(2, 2, 2, 1), (1, 1, 4, 2)]

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.selection.mode, c.selection.critic_weight = "paper", 0.5
   c.finetune.epochs, c.finetune.learning_rate, c.finetune.warmup_frac = 2, 1e-4, 0.03
   c.finetune.batch_size = {"gpu": 8, "cpu": 4, "smoke": 1}[v]
-  c.finetune.seq_len = {"gpu": 2048, "cpu": 1024, "smoke": 320}[v]
+  c.finetune.seq_len = {"gpu": 2048, "cpu": 1024, "smoke": 256}[v]
   if v != "gpu":
     # Off the GPU, LoRA adapters (rank 8) instead of full finetuning: four full
     # agents with Adam need ~9 GB before activations. LoRA trains from the base
@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.lora_rank, c.finetune.init = 8, "base"
   if v == "smoke":
     # Its largest costs: A x A forwards of every response, evaluation's round
-    # 2, and training steps (4 agents x 320 tokens compute, ~18 s a step on 2 cores).
+    # 2, and training steps (4 agents x 256 tokens compute, ~15 s a step on 2 cores; the rows are at most 222 tokens).
     c.eval.cross_nll, c.eval.rounds = False, 1
     c.finetune.epochs, c.model.remat = 1, "none"
   return methods.apply(c, a["method"])

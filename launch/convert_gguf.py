@@ -72,7 +72,7 @@ def convert(source: str, out_dir: str) -> str:
     raise ConvertError(f"converting GGUF needs torch and transformers ({e}); install the "
                        "test requirements: pip install -r requirements-test.txt") from None
   folder, name = os.path.split(os.path.abspath(path))
-  with _one_gguf_reader():
+  with _gguf_computed_once():
     quantized = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                         dtype=torch.float32)
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -95,24 +95,34 @@ def convert(source: str, out_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def _one_gguf_reader():
-  """transformers parses the file again for the config, the weights and the
-  tokenizer (its metadata, a 49k-token vocabulary for SmolLM2: ~5 s each on
-  2 cores); within this block each path is parsed once. The reader only reads
-  its memory map, so one can serve every caller."""
+def _gguf_computed_once():
+  """transformers repeats two pure computations of the gguf package: it parses
+  the file again for the config, the weights and the tokenizer (its metadata,
+  a 49k-token vocabulary for SmolLM2: ~5 s each on 2 cores), and it rebuilds
+  the architecture's tensor-name map for each of the model's modules (397
+  times for SmolLM2: 12 s). Within this block each is computed once per
+  argument list. The reader only reads its memory map, so one can serve
+  every caller."""
   import gguf
-  original, readers = gguf.GGUFReader, {}
+  originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
 
-  def reader(path, *args, **kwargs):
-    key = (os.path.abspath(path), args, tuple(sorted(kwargs.items())))
-    if key not in readers:
-      readers[key] = original(path, *args, **kwargs)
-    return readers[key]
-  gguf.GGUFReader = reader
+  def once(function):
+    results = {}
+
+    def call(*args, **kwargs):
+      key = (args, tuple(sorted(kwargs.items())))
+      if key not in results:
+        results[key] = function(*args, **kwargs)
+      return results[key]
+    return call
+
+  for name, function in originals.items():
+    setattr(gguf, name, once(function))
   try:
     yield
   finally:
-    gguf.GGUFReader = original
+    for name, function in originals.items():
+      setattr(gguf, name, function)
 
 
 _GGUF = flags.DEFINE_string("gguf", None, "A .gguf file, or an installed package holding one.",

@@ -69,7 +69,10 @@ def main(argv):
   if tok.eos_id is None:
     raise app.UsageError(f"{_CHECKPOINT.value}: the tokenizer has no EOS token to end completions")
   pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
-  examples = [read_rows(path, tok) for path in _DATA.value]
+  try:
+    examples = [read_rows(path, tok) for path in _DATA.value]
+  except ValueError as e:  # a malformed line: its file and line, not a traceback
+    raise SystemExit(f"error: {e}") from None
   pop, meta = checkpoint.load_population(_CHECKPOINT.value, dtype=_DTYPE.value,
                                          remat=_REMAT.value)
   lcfg = None

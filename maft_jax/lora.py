@@ -14,6 +14,7 @@ normal with std 1/r (kept small so the first updates are well scaled).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -63,15 +64,22 @@ def axes(lcfg: LoraConfig) -> dict:
           for t in lcfg.targets}
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "num_agents", "dtype"))
 def init(cfg: ModelConfig, lcfg: LoraConfig, key: jax.Array, num_agents: int,
          dtype=jnp.float32) -> dict:
-  """Stacked adapters [A, ...]: A ~ normal(0, 1/r), B = 0 (delta starts at 0)."""
+  """Stacked adapters [A, ...]: A ~ normal(0, 1/r), B = 0 (delta starts at 0).
+
+  Every A is cut from one flat normal draw: a draw per target compiles its
+  own random-bits program, and on SmolLM2 (4 agents, 7 targets) those took
+  5.5 s against 0.85 s for one draw (2 CPU cores)."""
   shapes = adapter_shapes(cfg, lcfg)
-  keys = jax.random.split(key, len(shapes))
+  targets = sorted(shapes)
+  sizes = [num_agents * math.prod(shapes[t]["a"]) for t in targets]
+  flat = jax.random.normal(key, (sum(sizes),), jnp.float32) / lcfg.rank
   out = {}
-  for k, (t, s) in zip(keys, sorted(shapes.items())):
-    a = jax.random.normal(k, (num_agents,) + s["a"], jnp.float32) / lcfg.rank
-    out[t] = {"a": a.astype(dtype), "b": jnp.zeros((num_agents,) + s["b"], dtype)}
+  for t, a in zip(targets, jnp.split(flat, np.cumsum(sizes)[:-1])):
+    out[t] = {"a": a.reshape((num_agents,) + shapes[t]["a"]).astype(dtype),
+              "b": jnp.zeros((num_agents,) + shapes[t]["b"], dtype)}
   return out
 
 
@@ -85,6 +93,7 @@ def merge(base: Params, adapters: dict, lcfg: LoraConfig) -> Params:
   return {**base, "layers": layers}
 
 
+@functools.partial(jax.jit, static_argnames="lcfg")
 def merge_population(base: Params, adapters: dict, lcfg: LoraConfig) -> Params:
   """Full weights of every agent, stacked [A, ...] (for export)."""
   return jax.vmap(lambda ad: merge(base, ad, lcfg))(adapters)

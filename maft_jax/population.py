@@ -39,8 +39,9 @@ def stack(agents: list[Params]) -> Params:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *agents)
 
 
+@jax.jit
 def select(pop: Params, i: int) -> Params:
-  """Agent i's params (no agent axis)."""
+  """Agent i's params (no agent axis), as one program (not one slice per leaf)."""
   return jax.tree.map(lambda x: x[i], pop)
 
 

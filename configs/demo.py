@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.name = "arithmetic"
   c.task.options = ml_collections.ConfigDict({"size": 4000, "seed": 0, "max_value": 3})
   c.task.train_size = 8 if smoke else 128
-  c.task.test_size = 4 if smoke else 96
+  # smoke: as many held-out problems as training ones, so that evaluation
+  # samples with the debate's compiled programs (the same batch shapes).
+  c.task.test_size = 8 if smoke else 96
   c.agents.generators, c.agents.critics = (2, True) if smoke else (3, True)
   new_tokens = 12 if smoke else 56  # the longest solution: 50 tokens + EOS
   c.debate.rounds, c.debate.max_new_tokens, c.debate.batch_size = 2, new_tokens, 64

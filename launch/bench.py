@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from maft_jax import model, population, presets, sampling
+from maft_jax import lora, model, population, presets, sampling
 
 _WHAT = flags.DEFINE_enum("what", "sample", ["sample", "train"], "Which benchmark.")
 _SEQ = flags.DEFINE_integer("seq", None, "Train: tokens per sequence (default 1024; tiny 64).")
@@ -59,6 +59,8 @@ _REMAT = flags.DEFINE_enum("remat", "dots_no_batch", ["none", "full", "dots", "d
                            "Train: rematerialisation policy.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Train: dense bf16 peak of the card.")
 _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized workload.")
+_LORA = flags.DEFINE_bool("lora", False, "Sample: also LoRA populations (one base + A rank-16 "
+                          "adapters) for every A, side by side with the full copies.")
 _LORA_ONLY = flags.DEFINE_bool("lora_only", False, "Train: only the LoRA rows, for every "
                                "--agents count (e.g. 8 agents of --arch=llama-3-8b on one card).")
 _PEER = flags.DEFINE_bool("peer", False, "Also run the HF peer (benchmarks/peers/) in this "
@@ -120,14 +122,15 @@ def kv_bytes_per_token(cfg: model.ModelConfig) -> int:
   return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
-def roofline_seconds(cfg, num_params: int, A: int, B: int, T: int, N: int, bw: float,
-                     flops: float) -> float:
-  """Floor: every decode step reads all agents' weights and the live KV cache;
-  prefill does 2 * P FLOPs per prompt token."""
-  param_bytes = num_params * jnp.dtype(cfg.param_dtype).itemsize
+def roofline_seconds(cfg, step_params: int, agent_params: int, A: int, B: int, T: int, N: int,
+                     bw: float, flops: float) -> float:
+  """Floor: every decode step reads `step_params` weights (all agents' copies,
+  or one base plus every agent's adapters) and the live KV cache; prefill
+  does 2 * agent_params FLOPs per prompt token of each agent."""
+  param_bytes = step_params * jnp.dtype(cfg.param_dtype).itemsize
   kv_tokens = A * B * (N * T + N * (N - 1) / 2)  # live cache summed over the N steps
-  decode = (N * A * param_bytes + kv_tokens * kv_bytes_per_token(cfg)) / bw
-  prefill = 2 * num_params * A * B * T / flops
+  decode = (N * param_bytes + kv_tokens * kv_bytes_per_token(cfg)) / bw
+  prefill = 2 * agent_params * A * B * T / flops
   return decode + prefill
 
 
@@ -183,14 +186,23 @@ def bench_sample():
     singles = [population.stack([population.select(pop, i)]) for i in range(A)]
     t_seq = median_time(lambda: [sampling.sample(s, prompts, mask, jax.random.key(2), **kw).tokens
                                  for s in singles], repeats)
-    floor = roofline_seconds(cfg, num_params, A, B, T, N, bw, flops)
+    floor = roofline_seconds(cfg, A * num_params, num_params, A, B, T, N, bw, flops)
     rows.append((A, A * B * N / t_pop, floor / t_pop, t_seq / t_pop, t_pop))
     del pop, singles
+  lora_rows = bench_sample_lora(cfg, agents, prompts, mask, kw, dict((r[0], r[4]) for r in rows),
+                                bw, flops) if _LORA.value else []
   print(f"\nsampling: {'tiny' if tiny else _ARCH.value} ({num_params / 1e6:.1f}M params/agent), "
         f"{B} prompts x {T} tokens per agent, {N} new tokens, T=0.8 top-p 0.95, bf16")
   print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {'vs sequential':>14} {'seconds':>8}")
   for A, tps, frac, ratio, t in rows:
     print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {ratio:>13.2f}x {t:>8.3f}")
+  if lora_rows:
+    print(f"\nLoRA populations: one base + A rank-{LORA_SAMPLE.rank} adapters on every "
+          "projection (a base read once per step for all agents)")
+    print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {'step vs A=1':>12} "
+          f"{'vs full copies':>15} {'seconds':>8}")
+    for A, tps, frac, per_step, vs_full, t in lora_rows:
+      print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {per_step:>11.2f}x {vs_full:>14.2f}x {t:>8.3f}")
   print(top_p_line(method, rows=4 * B, vocab=cfg.vocab_size, repeats=repeats))
   if _DUMP_HLO.value:
     pop = population.shapes(cfg, 4)
@@ -204,6 +216,34 @@ def bench_sample():
     ours = dict((r[0], r[1]) for r in rows)[A_ref]
     if peer:
       print(f"peer ratio at A={A_ref}: {ours:,.0f} / {peer:,.0f} = {ours / peer:.1f}x")
+
+
+LORA_SAMPLE = lora.LoraConfig(rank=16, alpha=32.0)
+
+
+def bench_sample_lora(cfg, agents, prompts, mask, kw, full_seconds, bw, flops):
+  """Per A: the same sampling workload on one base + A adapters (random, so
+  every agent differs). Rows: (A, tok/s, roofline fraction, seconds over
+  A=1's, full copies' seconds over these)."""
+  B, T = prompts.shape
+  N = kw["max_new_tokens"]
+  base = model.init_params(cfg, jax.random.key(1))
+  num_params = model.count_params(base)
+  out, first = [], None
+  for A in agents:
+    adapters = lora.init(cfg, LORA_SAMPLE, jax.random.key(5), A, dtype=cfg.param_dtype)
+    # lora.init's B is zero; a nonzero B makes the agents differ (same cost).
+    adapters = jax.tree.map(lambda x: x + jnp.asarray(0.01, x.dtype), adapters)
+    pop = population.Adapted(base=base, adapters=adapters, scale=LORA_SAMPLE.scale)
+    run = lambda p=pop: sampling.sample(p, prompts, mask, jax.random.key(2), **kw).tokens  # noqa
+    t = median_time(run, _REPEATS.value)
+    first = first or t
+    per_agent = lora.count(adapters) // A
+    floor = roofline_seconds(cfg, num_params + A * per_agent, num_params + per_agent, A, B, T, N,
+                             bw, flops)
+    out.append((A, A * B * N / t, floor / t, t / first, full_seconds[A] / t, t))
+    del pop, adapters
+  return out
 
 
 def top_p_line(method, *, rows: int, vocab: int, repeats: int) -> str:
@@ -240,7 +280,7 @@ def peak_memory() -> str:
 
 
 def bench_train():
-  from maft_jax import finetune, lora
+  from maft_jax import finetune
   tiny = _TINY.value
   base_cfg = TINY_CFG if tiny else presets.model_config(_ARCH.value)
   cfg = dataclasses.replace(base_cfg, dtype="bfloat16", param_dtype="float32",

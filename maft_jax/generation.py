@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from maft_jax import checks, distributed, progress, sampling, sharding
-from maft_jax.model import ModelConfig, Params
+from maft_jax import checks, distributed, population, progress, sampling, sharding
+from maft_jax.model import ModelConfig
 from maft_jax.tasks import answers
 
 FINISH_STOP, FINISH_STOP_STRING, FINISH_LENGTH = "stop", "stop_string", "length"
@@ -103,14 +103,14 @@ class Generator:
         raise ValueError(f"prompt {i} tokenises to zero tokens")
     return ids
 
-  def generate(self, pop: Params, prompts, *, options: Options, key: jax.Array,
+  def generate(self, pop: population.Population, prompts, *, options: Options, key: jax.Array,
                add_special_tokens: bool = True) -> list[list[list[Completion]]]:
     """completions[agent][prompt][sample].
 
     `prompts`: P strings (or token-id lists) shared by every agent, or A lists
     of P each (agent a answers its own prompts, e.g. its debate transcript).
     """
-    A = jax.tree.leaves(pop)[0].shape[0]
+    A = population.num_agents(pop)
     if len(prompts) == 0:
       return [[] for _ in range(A)]
     per_agent = isinstance(prompts[0], (list, tuple, np.ndarray)) and (

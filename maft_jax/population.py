@@ -1,13 +1,24 @@
-"""A population of A agents is one pytree whose leaves have a leading agent axis.
+"""A population of A agents is one pytree, in one of two forms:
+
+  full     a param dict whose leaves have a leading agent axis [A, ...]
+  Adapted  one frozen base (a param dict without the agent axis) and every
+           agent's LoRA adapters stacked [A, ...] (`lora.init`'s layout):
+           agent a's weights are W + scale * A_a @ B_a on each adapted
+           projection, never formed.
 
 Functions in `model.py` are written for one agent; this module builds, slices
-and lifts them over the agent axis. There is never a Python loop over agents
-on a hot path: `forward` is one vmapped program for every agent at once.
+and lifts them over the agent axis (`vmap_axes`: the base of an Adapted
+population is not mapped, so one copy serves every agent, and `parts` gives
+one agent's base, adapters and scale inside the vmap). There is never a
+Python loop over agents on a hot path: `forward` is one vmapped program for
+every agent at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +27,40 @@ from maft_jax import model, sharding
 from maft_jax.model import ModelConfig, Params
 
 
-def num_agents(pop: Params) -> int:
-  return jax.tree.leaves(pop)[0].shape[0]
+@dataclasses.dataclass(frozen=True, eq=False)  # leaves are arrays: no field-wise ==
+class Adapted:
+  """A LoRA population (module docstring). A pytree: `base` and `adapters`
+  are its children, `scale` (alpha / rank) is static."""
+  base: Params
+  adapters: dict
+  scale: float
+
+
+jax.tree_util.register_dataclass(Adapted, data_fields=["base", "adapters"],
+                                 meta_fields=["scale"])
+
+Population = Union[Params, Adapted]
+
+
+def num_agents(pop: Population) -> int:
+  return jax.tree.leaves(pop.adapters if isinstance(pop, Adapted) else pop)[0].shape[0]
+
+
+def vmap_axes(pop: Population, axis: int = 0) -> Any:
+  """`in_axes` of `pop` under an agent vmap: its agent axis at `axis`; an
+  Adapted population's base is not mapped (read once for every agent)."""
+  if isinstance(pop, Adapted):
+    return Adapted(base=None, adapters=jax.tree.map(lambda _: axis, pop.adapters),
+                   scale=pop.scale)
+  return jax.tree.map(lambda _: axis, pop)
+
+
+def parts(one: Population) -> tuple[Params, dict | None, float]:
+  """One agent's (params, adapters or None, lora scale), inside an agent
+  vmap: what `model`'s functions take as (params, lora=, lora_scale=)."""
+  if isinstance(one, Adapted):
+    return one.base, one.adapters, one.scale
+  return one, None, 1.0
 
 
 def replicate(params: Params, num: int) -> Params:
@@ -61,7 +104,7 @@ def axes(cfg: ModelConfig) -> Params:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
-def forward(pop: Params, tokens, *, cfg: ModelConfig, positions=None, segment_ids=None,
+def forward(pop: Population, tokens, *, cfg: ModelConfig, positions=None, segment_ids=None,
             placement: sharding.Placement = sharding.LOCAL):
   """Logits f32[A, B, T, V] of every agent. Token-like inputs are shared [B, T]
   or per agent [A, B, T]."""
@@ -69,11 +112,13 @@ def forward(pop: Params, tokens, *, cfg: ModelConfig, positions=None, segment_id
   def axis(x):
     return None if x is None or x.ndim == 2 else 0
 
-  def one(params, tokens, positions, segment_ids):
+  def one(agent, tokens, positions, segment_ids):
+    params, lora, scale = parts(agent)
     logits, _ = model.forward(params, tokens, cfg=cfg, positions_BxT=positions,
-                              segment_ids_BxT=segment_ids)
+                              segment_ids_BxT=segment_ids, lora=lora, lora_scale=scale)
     return logits
 
   with placement.tracing():
-    return jax.vmap(one, in_axes=(0, axis(tokens), axis(positions), axis(segment_ids)),
+    return jax.vmap(one, in_axes=(vmap_axes(pop), axis(tokens), axis(positions),
+                                  axis(segment_ids)),
                     spmd_axis_name=placement.spmd_axis_name)(pop, tokens, positions, segment_ids)

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import checks, model, sharding
-from maft_jax.model import ModelConfig, Params
+from maft_jax import checks, model, population, sharding
+from maft_jax.model import ModelConfig
+from maft_jax.population import Population
 from maft_jax.sharding import LOCAL, Placement
 
 _NEG = -jnp.inf
@@ -256,12 +257,23 @@ _KV_AXES = {"k": 1, "v": 1, "mask": 0, "pos": 0}
 STATE_AXES = DecodeState(**_KV_AXES, index=None, logits=0, next_pos=0)
 
 
-def decode_weights(pop: Params, cfg: ModelConfig) -> Params:
+def decode_weights(pop: Population, cfg: ModelConfig) -> Population:
   """What the decode loop reads, made once per decode call (a copy, also of
   weights already in the compute dtype): `model.for_compute`'s cast (f32
   masters would be read at twice the bytes on every step), the layer stack
   layer-major ([A, L, ...] -> [L, A, ...]) and pinned to the rule table's
-  layout with its first two axes swapped."""
+  layout with its first two axes swapped. Of an Adapted population, the
+  base keeps its layout (it has no agent axis: every agent's step reads the
+  same copy) and the adapters go layer-major."""
+  if isinstance(pop, population.Adapted):
+    dt = cfg.compute_dtype
+    adapters = jax.tree.map(
+        lambda a: jnp.swapaxes(a if a.dtype.itemsize <= dt.itemsize else a.astype(dt), 0, 1),
+        pop.adapters)
+    axes = {t: {"a": ("layers", "agent", "embed", None), "b": ("layers", "agent", None, "embed")}
+            for t in adapters}
+    return population.Adapted(base=model.for_compute(pop.base, cfg),
+                              adapters=sharding.constrain_state(adapters, axes), scale=pop.scale)
   cast = model.for_compute(pop, cfg)
   layers = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), cast["layers"])
   axes = jax.tree.map(lambda a: (a[0], "agent") + a[1:], model.param_axes(cfg)["layers"],
@@ -269,17 +281,22 @@ def decode_weights(pop: Params, cfg: ModelConfig) -> Params:
   return {**cast, "layers": sharding.constrain_state(layers, axes)}
 
 
-def _weight_axes(weights: Params):
-  """vmap axes of `decode_weights`: the agent axis is 1 in the layer stack."""
+def _weight_axes(weights: Population):
+  """vmap axes of `decode_weights`: the agent axis is 1 in the layer stack
+  (of an Adapted population: in the adapters; its base is not mapped)."""
+  if isinstance(weights, population.Adapted):
+    return population.vmap_axes(weights, axis=1)
   return {k: jax.tree.map(lambda _: 1 if k == "layers" else 0, v) for k, v in weights.items()}
 
 
-def _prefill_one(params: Params, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cache_len: int,
+def _prefill_one(agent: Population, prompt_BxT, mask_BxT, *, cfg: ModelConfig, cache_len: int,
                  num_samples: int):
   """Prefill B prompts once, then give each of its num_samples rows a copy."""
+  params, lora, scale = population.parts(agent)
   positions = model.positions_from_mask(mask_BxT)
   hidden, cache = model.prefill(params, prompt_BxT, cfg=cfg, positions_BxT=positions,
-                                segment_ids_BxT=mask_BxT.astype(jnp.int32), cache_len=cache_len)
+                                segment_ids_BxT=mask_BxT.astype(jnp.int32), cache_len=cache_len,
+                                lora=lora, lora_scale=scale)
   logits = model.logits_from_hidden(params, hidden[:, -1:], cfg)[:, 0]
   rows = lambda x, axis: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
   return DecodeState(k=rows(cache["k"], 1), v=rows(cache["v"], 1), mask=rows(cache["mask"], 0),
@@ -295,13 +312,14 @@ def _start_one(logits, next_pos, key, row_ids, *, max_new_tokens: int, pad_id: i
           jnp.zeros((R,), jnp.bool_), logits, next_pos), row_keys
 
 
-def _step_one(params: Params, carry, cache, row_keys, step, *, cfg: ModelConfig, method, stops,
-              pad_id: int):
+def _step_one(agent: Population, carry, cache, row_keys, step, *, cfg: ModelConfig, method,
+              stops, pad_id: int):
   """One decode step of one agent: draw a token for every row and run it
   through the model. Returns the new carry and the token's cache entries,
   which `decode` writes outside the agent vmap: a write inside it would be
   a batched update, which JAX turns into a transposed copy of the cache.
   Rows that have stopped emit padding and their outputs are discarded."""
+  params, lora, scale = population.parts(agent)
   tokens, logprobs, done, logits, pos = carry
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
   tok = draw_rows(method, logits, step_keys)
@@ -314,26 +332,28 @@ def _step_one(params: Params, carry, cache, row_keys, step, *, cfg: ModelConfig,
   logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
   done = done | jnp.isin(tok, stops)
   hidden, entries = model.extend_hidden(params, tok[:, None], cfg=cfg,
-                                        positions_BxT=pos[:, None], cache=cache)
+                                        positions_BxT=pos[:, None], cache=cache, lora=lora,
+                                        lora_scale=scale)
   logits = model.logits_from_hidden(params, hidden, cfg)[:, 0]
   return (tokens, logprobs, done, logits, pos + 1), entries
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "num_samples", "placement"))
-def prefill(pop: Params, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
+def prefill(pop: Population, prompts, prompt_mask, *, cfg: ModelConfig, cache_len: int,
             num_samples: int = 1, placement: Placement = LOCAL):
   """The `DecodeState` of every agent after reading the prompts (see `sample`)."""
   in_axis = 0 if prompts.ndim == 3 else None
   fn = functools.partial(_prefill_one, cfg=cfg, cache_len=cache_len, num_samples=num_samples)
   with placement.tracing():
-    return jax.vmap(fn, in_axes=(0, in_axis, in_axis), out_axes=STATE_AXES,
+    return jax.vmap(fn, in_axes=(population.vmap_axes(pop), in_axis, in_axis),
+                    out_axes=STATE_AXES,
                     spmd_axis_name=placement.spmd_axis_name)(pop, prompts, prompt_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "stop_ids",
                                              "pad_id", "placement"),
                    donate_argnames=("state",))
-def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
+def decode(pop: Population, state, key, row_ids=None, *, cfg: ModelConfig, method,
            max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
            placement: Placement = LOCAL) -> tuple[Samples, DecodeState]:
   """Decode every agent from `prefill`'s state. The state is donated and the
@@ -354,7 +374,7 @@ def decode(pop: Params, state, key, row_ids=None, *, cfg: ModelConfig, method,
 
 def _decode(pop, state: DecodeState, key, row_ids, cfg, method, max_new_tokens, stop_ids, pad_id,
             spmd_axis_name):
-  A = jax.tree.leaves(pop)[0].shape[0]
+  A = population.num_agents(pop)
   N = max_new_tokens
   if row_ids is None:
     row_ids = jnp.arange(state.logits.shape[1])
@@ -387,7 +407,7 @@ def _decode(pop, state: DecodeState, key, row_ids, cfg, method, max_new_tokens, 
   return samples, DecodeState(**cache, logits=logits, next_pos=pos)
 
 
-def sample(pop: Params, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
+def sample(pop: Population, prompts, prompt_mask, key, *, cfg: ModelConfig, method,
            max_new_tokens: int, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
            num_samples: int = 1, row_ids=None, placement: Placement = LOCAL) -> Samples:
   """Sample every agent: one jitted prefill, then one jitted decode loop.

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import distributed, finetune, generation, sharding
-from maft_jax.model import ModelConfig, Params
+from maft_jax import distributed, finetune, generation, population, sharding
+from maft_jax.model import ModelConfig
+from maft_jax.population import Population
 from maft_jax.tasks import prompts
 
 NO_ANSWER = -1
@@ -115,18 +116,20 @@ def cross_agent_weights(correct_AxB, nll_AxA_B, *, temperature: float = 1.0):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ce_chunk", "placement"))
-def row_nll(pop: Params, batches, *, cfg: ModelConfig, ce_chunk: int = 512,
+def row_nll(pop: Population, batches, *, cfg: ModelConfig, ce_chunk: int = 512,
             placement: sharding.Placement = sharding.LOCAL):
   """Per-row completion NLL sums f32[A_scorer, A_author, b] and token counts
   i32[A_scorer, A_author, b] of every author's rows (batches: dict of
   [A_author, b, T], SFT layout, one example per row) under every agent.
   The scorers are split over `placement`'s agent axis, as in
   `finetune.train_step`."""
-  def one_row(params, row):
-    return finetune.token_nll(params, {k: v[None] for k, v in row.items()}, cfg, ce_chunk)
+  def one_row(agent, row):
+    params, lora, scale = population.parts(agent)
+    return finetune.token_nll(params, {k: v[None] for k, v in row.items()}, cfg, ce_chunk,
+                              lora=lora, lora_scale=scale)
   per_author = jax.vmap(jax.vmap(one_row, in_axes=(None, 0)), in_axes=(None, 0))
   with placement.tracing():
-    return jax.vmap(per_author, in_axes=(0, None),
+    return jax.vmap(per_author, in_axes=(population.vmap_axes(pop), None),
                     spmd_axis_name=placement.spmd_axis_name)(pop, batches)
 
 
@@ -151,7 +154,7 @@ def scoring_rows(prompt_ids: Sequence[int], completion_ids: Sequence[int], seq_l
           "positions_BxT": pos}
 
 
-def text_nll(pop: Params, rows, *, cfg: ModelConfig, tokenizer, pad_id: int, max_len: int,
+def text_nll(pop: Population, rows, *, cfg: ModelConfig, tokenizer, pad_id: int, max_len: int,
              chunk: int, ce_chunk: int = 512, placement: sharding.Placement = sharding.LOCAL
              ) -> tuple[np.ndarray, np.ndarray]:
   """Every agent's NLL of every author's responses: rows[author][b] =

@@ -7,13 +7,15 @@ from tests import cli
 
 def test_bench_sample_tiny_runs(tmp_path):
   hlo = tmp_path / "decode_hlo.txt.gz"
-  proc = cli.run("bench", "--what=sample", "--tiny", "--agents=2", "--repeats=1",
+  proc = cli.run("bench", "--what=sample", "--tiny", "--agents=2", "--repeats=1", "--lora",
                  f"--dump_hlo={hlo}")
   assert "ceilings:" in proc.stdout
   with gzip.open(hlo, "rt") as f:
     assert f.read().startswith("HloModule")
-  row = [l for l in proc.stdout.splitlines() if l.strip().startswith("2 ")]
-  assert len(row) == 1 and "%" in row[0] and "x" in row[0]
+  full, adapted = proc.stdout.split("LoRA populations:")
+  for table in (full, adapted):  # the full copies, then one base + adapters
+    row = [l for l in table.splitlines() if l.strip().startswith("2 ")]
+    assert len(row) == 1 and "%" in row[0] and "x" in row[0], table
   assert "top-p draw of [16, 512] logits:" in proc.stdout
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from maft_jax import model, population, sampling
+from maft_jax import lora, model, population, sampling
 
 LOGITS = np.log(np.array([0.35, 0.25, 0.2, 0.1, 0.06, 0.04]))
 
@@ -256,3 +256,82 @@ def test_decode_goes_on_from_its_own_final_state():
   np.testing.assert_array_equal(np.concatenate([first.tokens, second.tokens], -1), whole.tokens)
   np.testing.assert_allclose(np.concatenate([first.logprobs, second.logprobs], -1),
                              whole.logprobs, atol=1e-5)
+
+
+# A LoRA population: one base without an agent axis, adapters stacked [A, ...].
+LCFG = lora.LoraConfig(rank=4, alpha=8.0)
+
+
+def _adapted(seed: int, A: int, random_b: bool) -> population.Adapted:
+  base = model.init_params(CFG, jax.random.key(seed))
+  adapters = lora.init(CFG, LCFG, jax.random.key(seed + 1), A)
+  if random_b:  # lora.init's B is zero: a fresh adapter changes nothing
+    keys = iter(jax.random.split(jax.random.key(seed + 2), 2 * len(adapters)))
+    adapters = {t: {"a": ab["a"], "b": 0.1 * jax.random.normal(next(keys), ab["b"].shape)}
+                for t, ab in adapters.items()}
+  return population.Adapted(base=base, adapters=adapters, scale=LCFG.scale)
+
+
+SEEDED = sampling.Chain((sampling.Temperature(1.0), sampling.TopP(0.9)))
+
+
+@pytest.mark.parametrize("method", [sampling.Greedy(), SEEDED])
+def test_fresh_adapters_sample_like_copies_of_their_base(method):
+  pop = _adapted(0, 3, random_b=False)
+  copies = population.replicate(pop.base, 3)
+  tokens, mask = _prompts()
+  kw = dict(cfg=CFG, method=method, max_new_tokens=8)
+  ours, ref = (sampling.sample(p, tokens, mask, jax.random.key(3), **kw) for p in (pop, copies))
+  np.testing.assert_array_equal(ours.tokens, ref.tokens)
+  np.testing.assert_array_equal(ours.lengths, ref.lengths)
+  np.testing.assert_allclose(ours.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_adapters_give_the_merged_populations_logits_and_samples():
+  pop = _adapted(1, 3, random_b=True)
+  merged = lora.merge_population(pop.base, pop.adapters, LCFG)
+  tokens, mask = _prompts()
+  kw = dict(cfg=CFG, positions=model.positions_from_mask(mask), segment_ids=mask)
+  logits, ref = (np.asarray(population.forward(p, tokens, **kw)) for p in (pop, merged))
+  np.testing.assert_allclose(logits, ref, atol=1e-5)
+  assert np.abs(logits[0] - logits[1]).max() > 1e-2  # the agents' adapters differ
+  for method in (sampling.Greedy(), SEEDED):
+    kw = dict(cfg=CFG, method=method, max_new_tokens=8)
+    ours, want = (sampling.sample(p, tokens, mask, jax.random.key(4), **kw) for p in (pop, merged))
+    np.testing.assert_array_equal(ours.tokens, want.tokens)
+    np.testing.assert_allclose(ours.logprobs, want.logprobs, atol=1e-4)
+
+
+def _per_agent_base_copies(jaxpr, base, A):
+  """Shapes of arrays in `jaxpr` (any depth) that hold a base weight per
+  agent: [A, ...] or layer-major [L, A, ...] of a base leaf's shape."""
+  per_layer = {w.shape[1:] for w in jax.tree.leaves(base["layers"])}
+  L = CFG.num_layers
+  wanted = ({(A, L) + s for s in per_layer} | {(L, A) + s for s in per_layer}
+            | {(A,) + w.shape for k, w in base.items() if k != "layers"})
+  found = []
+  for eqn in jaxpr.eqns:
+    found += [v.aval.shape for v in eqn.outvars if getattr(v.aval, "shape", None) in wanted]
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found += _per_agent_base_copies(sub, base, A)
+  return found
+
+
+def test_adapted_decode_reads_one_copy_of_the_base():
+  """The decode program of an Adapted population makes no per-agent copy of
+  any base weight (no merge, no broadcast): every agent's step reads the one
+  base. The same check finds the layer-major copies of a full population."""
+  pop = _adapted(2, 3, random_b=True)
+  tokens, mask = _prompts(n=2)
+
+  def decode_jaxpr(p):
+    state = sampling.prefill(p, tokens, mask, cfg=CFG, cache_len=tokens.shape[1] + 6)
+    return jax.make_jaxpr(lambda p, s: sampling.decode.__wrapped__(
+        p, s, jax.random.key(1), cfg=CFG, method=SEEDED, max_new_tokens=6))(p, state).jaxpr
+
+  assert _per_agent_base_copies(decode_jaxpr(pop), pop.base, 3) == []
+  full = lora.merge_population(pop.base, pop.adapters, LCFG)
+  assert _per_agent_base_copies(decode_jaxpr(full), pop.base, 3)

@@ -157,3 +157,24 @@ def test_scoring_rows_layout_and_row_nll_is_every_agents_nll_of_every_row():
         nll = -sum(float(logp[t, r["tokens_BxT"][t + 1]]) for t in scored)
         assert int(counts[s, a, b]) == len(scored)
         np.testing.assert_allclose(float(sums[s, a, b]), nll, rtol=1e-4)
+
+
+def test_row_nll_of_an_adapted_population_is_the_merged_populations():
+  """One base + adapters scores every row as the merged full agents do."""
+  from maft_jax import lora
+  cfg = model.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, head_dim=8, dtype="float32")
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0)
+  adapters = lora.init(cfg, lcfg, jax.random.key(1), 3)
+  adapters = jax.tree.map(lambda x: x + 0.1, adapters)   # a nonzero B: the agents differ
+  pop = population.Adapted(base=model.init_params(cfg, jax.random.key(0)), adapters=adapters,
+                           scale=lcfg.scale)
+  merged = lora.merge_population(pop.base, pop.adapters, lcfg)
+  rng = np.random.default_rng(1)
+  rows = [[scoring.scoring_rows(rng.integers(1, 32, 3).tolist(), rng.integers(1, 32, 4).tolist(),
+                                8, 0) for _ in range(2)] for _ in range(3)]
+  batch = {k: np.stack([np.stack([x[k] for x in a]) for a in rows]) for k in rows[0][0]}
+  (sums, counts), (want, want_counts) = (scoring.row_nll(p, batch, cfg=cfg) for p in (pop, merged))
+  np.testing.assert_allclose(sums, want, rtol=1e-5)
+  np.testing.assert_array_equal(counts, want_counts)
+  assert np.abs(np.asarray(sums[0]) - np.asarray(sums[1])).max() > 1e-3  # the scorers differ

@@ -77,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.lora_rank, c.finetune.init = 8, "base"
   if v == "smoke":
     # Its largest costs: A x A forwards of every response, evaluation's round
-    # 2, and training steps (4 agents x 256 tokens compute, ~15 s a step on 2 cores; the rows are at most 222 tokens).
+    # 2, and training steps (4 agents x 256 tokens compute, ~15 s a step on 2
+    # cores; the rows are at most 222 tokens).
     c.eval.cross_nll, c.eval.rounds = False, 1
     c.finetune.epochs, c.model.remat = 1, "none"
   return methods.apply(c, a["method"])

@@ -199,7 +199,7 @@ def bench_sample():
   if lora_rows:
     print(f"\nLoRA populations: one base + A rank-{LORA_SAMPLE.rank} adapters on every "
           "projection (a base read once per step for all agents)")
-    print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {'step vs A=1':>12} "
+    print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {f'step vs A={agents[0]}':>12} "
           f"{'vs full copies':>15} {'seconds':>8}")
     for A, tps, frac, per_step, vs_full, t in lora_rows:
       print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {per_step:>11.2f}x {vs_full:>14.2f}x {t:>8.3f}")
@@ -224,7 +224,7 @@ LORA_SAMPLE = lora.LoraConfig(rank=16, alpha=32.0)
 def bench_sample_lora(cfg, agents, prompts, mask, kw, full_seconds, bw, flops):
   """Per A: the same sampling workload on one base + A adapters (random, so
   every agent differs). Rows: (A, tok/s, roofline fraction, seconds over
-  A=1's, full copies' seconds over these)."""
+  the first A's, full copies' seconds over these)."""
   B, T = prompts.shape
   N = kw["max_new_tokens"]
   base = model.init_params(cfg, jax.random.key(1))

@@ -142,8 +142,8 @@ def rationale_rows(d: Debate, correct_NxB, tokenizer) -> list[list[dict]]:
 
 
 def _num_agents(pop: Params) -> int:
-  import jax
-  return jax.tree.leaves(pop)[0].shape[0]
+  from maft_jax import population
+  return population.num_agents(pop)
 
 
 def sft_rows(debate: Debate, round_index: int, mask_NxB, tokenizer) -> list[list[dict]]:

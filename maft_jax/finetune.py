@@ -80,7 +80,7 @@ def init_state(pop: Params, h: Hyper, total_steps) -> dict[str, Any]:
   """Train state of the population: params, per-agent optimizer state,
   per-agent update counts and schedule lengths. `train_step` donates the
   state, so `pop`'s buffers belong to it from then on."""
-  A = jax.tree.leaves(pop)[0].shape[0]
+  A = population.num_agents(pop)
   low = sorted({str(x.dtype) for x in jax.tree.leaves(pop) if x.dtype != jnp.float32})
   if low:
     raise ValueError(

@@ -1,8 +1,9 @@
 """LoRA: per-agent low-rank adapters on one shared, frozen base.
 
 The base parameters have no agent axis; each agent's adapters are stacked on
-a leading agent axis, and the population forward is vmapped with
-`in_axes=(None, 0)`, so one copy of the base weights serves every agent. For
+a leading agent axis (`population.Adapted`), and the population's programs
+are vmapped with the base not mapped (`population.vmap_axes`), so one copy
+of the base weights serves every agent. For
 a target projection W (input dims `in`, output dims `out`, flattened) an
 adapter is A [L, in, r] and B [L, r, out]; the forward adds
 ((x @ A) @ B) * alpha / r without forming W + A @ B (model._project). B
@@ -58,10 +59,13 @@ def adapter_shapes(cfg: ModelConfig, lcfg: LoraConfig) -> dict:
   return out
 
 
+# Logical axes of one target's adapters (the rank axis is replicated).
+ADAPTER_AXES = {"a": ("layers", "embed", None), "b": ("layers", None, "embed")}
+
+
 def axes(lcfg: LoraConfig) -> dict:
-  """Logical axes of one agent's adapters (the rank axis is replicated)."""
-  return {t: {"a": ("layers", "embed", None), "b": ("layers", None, "embed")}
-          for t in lcfg.targets}
+  """Logical axes of one agent's adapters."""
+  return {t: dict(ADAPTER_AXES) for t in lcfg.targets}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "num_agents", "dtype"))

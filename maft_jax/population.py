@@ -82,9 +82,22 @@ def stack(agents: list[Params]) -> Params:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *agents)
 
 
-@jax.jit
 def select(pop: Params, i: int) -> Params:
-  """Agent i's params (no agent axis), as one program (not one slice per leaf)."""
+  """Agent i's params (no agent axis) of a full population, as one program
+  (not one eager slice per leaf). The index is static: a traced one slices
+  dynamically, which on a population split over the agent axis gathers
+  every agent onto every device."""
+  if isinstance(pop, Adapted):
+    raise TypeError("select takes a full population; agent i of an Adapted one is its base "
+                    "with adapters[i] (lora.merge for full weights)")
+  A = num_agents(pop)
+  if not 0 <= i < A:
+    raise IndexError(f"agent {i} of a population of {A}")
+  return _select(pop, int(i))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _select(pop: Params, i: int) -> Params:
   return jax.tree.map(lambda x: x[i], pop)
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maft_jax import checks, model, population, sharding
+from maft_jax import checks, lora, model, population, sharding
 from maft_jax.model import ModelConfig
 from maft_jax.population import Population
 from maft_jax.sharding import LOCAL, Placement
@@ -266,12 +266,9 @@ def decode_weights(pop: Population, cfg: ModelConfig) -> Population:
   base keeps its layout (it has no agent axis: every agent's step reads the
   same copy) and the adapters go layer-major."""
   if isinstance(pop, population.Adapted):
-    dt = cfg.compute_dtype
-    adapters = jax.tree.map(
-        lambda a: jnp.swapaxes(a if a.dtype.itemsize <= dt.itemsize else a.astype(dt), 0, 1),
-        pop.adapters)
-    axes = {t: {"a": ("layers", "agent", "embed", None), "b": ("layers", "agent", None, "embed")}
-            for t in adapters}
+    adapters = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), model.for_compute(pop.adapters, cfg))
+    agent_second = {k: (a[0], "agent") + a[1:] for k, a in lora.ADAPTER_AXES.items()}
+    axes = {t: agent_second for t in adapters}
     return population.Adapted(base=model.for_compute(pop.base, cfg),
                               adapters=sharding.constrain_state(adapters, axes), scale=pop.scale)
   cast = model.for_compute(pop, cfg)

@@ -60,6 +60,15 @@ def test_replicate_stack_unstack():
   back = population.unstack(population.stack(population.unstack(pop)))
   for agent in back:
     jax.tree.map(np.testing.assert_array_equal, agent, params)
+  # An index out of range is an error, not a clamped slice of the last agent.
+  with pytest.raises(IndexError, match="agent 3 of a population of 3"):
+    population.select(pop, 3)
+  # An Adapted population counts its agents by its adapters, and has no full agent to select.
+  adapted = population.Adapted(base=params, adapters={"wq": {"a": jnp.zeros((5, 2, 32, 1))}},
+                               scale=1.0)
+  assert population.num_agents(adapted) == 5
+  with pytest.raises(TypeError, match="full population"):
+    population.select(adapted, 0)
 
 
 def test_kv_cache_decoding_equals_full_forward():

@@ -266,7 +266,7 @@ def _adapted(seed: int, A: int, random_b: bool) -> population.Adapted:
   base = model.init_params(CFG, jax.random.key(seed))
   adapters = lora.init(CFG, LCFG, jax.random.key(seed + 1), A)
   if random_b:  # lora.init's B is zero: a fresh adapter changes nothing
-    keys = iter(jax.random.split(jax.random.key(seed + 2), 2 * len(adapters)))
+    keys = iter(jax.random.split(jax.random.key(seed + 2), len(adapters)))
     adapters = {t: {"a": ab["a"], "b": 0.1 * jax.random.normal(next(keys), ab["b"].shape)}
                 for t, ab in adapters.items()}
   return population.Adapted(base=base, adapters=adapters, scale=LCFG.scale)

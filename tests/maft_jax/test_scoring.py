@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maft_jax import finetune, model, population, scoring, tasks
+from maft_jax import finetune, lora, model, population, scoring, tasks
 from maft_jax.tasks import prompts
 
 
@@ -161,7 +161,6 @@ def test_scoring_rows_layout_and_row_nll_is_every_agents_nll_of_every_row():
 
 def test_row_nll_of_an_adapted_population_is_the_merged_populations():
   """One base + adapters scores every row as the merged full agents do."""
-  from maft_jax import lora
   cfg = model.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                           num_heads=2, num_kv_heads=1, head_dim=8, dtype="float32")
   lcfg = lora.LoraConfig(rank=2, alpha=4.0)

@@ -9,8 +9,11 @@ bit-identical; see `finetune` for the policy on unequal data). With a
 `workdir`, training checkpoints (state + data iterator states) are written
 every `save_every` steps and at the end, and a rerun with the same settings
 resumes from the latest one; different settings are refused (`ResumeError`).
-With LoRA the agents must be identical (one base): they share one frozen copy
-and train per-agent adapters, merged into full weights in the result.
+With LoRA, a `population.Adapted` population trains its own adapters further
+(the base frozen) and the result is Adapted again; a full population must
+hold identical agents (one base), which share one frozen copy and train fresh
+adapters (B = 0: they start as the base), merged into full weights in the
+result.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-  params: Params                 # full weights [A, ...] (LoRA adapters merged)
+  params: population.Population  # full weights [A, ...], or Adapted for an Adapted input
   steps: list[int]               # updates taken by each agent
   examples: list[int]            # examples per agent
   final_loss: list[float | None]  # each agent's loss at its last update (None: never updated)
@@ -109,6 +112,28 @@ def _pipelines(examples, s: Settings, pad_id: int, held: Sequence[Sequence[tuple
           if ex else None for a, (ex, rows) in enumerate(zip(examples, held))]
 
 
+def _fresh_adapters(pop: Params, cfg: ModelConfig, s: Settings) -> population.Adapted:
+  """A full population of identical agents as its one base with fresh adapters."""
+  if not _identical_agents(pop):
+    raise ValueError("LoRA on a full population trains fresh adapters on one shared base, so it "
+                     "needs identical agents (e.g. fresh from launch.import_hf)")
+  A = population.num_agents(pop)
+  return population.Adapted(base=population.select(pop, 0),
+                            adapters=lora.init(cfg, s.lora, seeds.key(s.seed, 1), A),
+                            scale=s.lora.scale)
+
+
+def _check_adapters(pop: population.Adapted, cfg: ModelConfig, lcfg: lora.LoraConfig) -> None:
+  """The adapters are those `lcfg` describes (targets, rank, shapes) at its scale."""
+  A = population.num_agents(pop)
+  want = {t: {k: (A,) + shape for k, shape in ab.items()}
+          for t, ab in lora.adapter_shapes(cfg, lcfg).items()}
+  got = jax.tree.map(lambda x: tuple(x.shape), pop.adapters)
+  if got != want or pop.scale != lcfg.scale:
+    raise ValueError(f"the population's adapters (shapes {got}, scale {pop.scale:g}) are not "
+                     f"those of {lcfg} (shapes {want}, scale {lcfg.scale:g})")
+
+
 def _identical_agents(pop: Params) -> bool:
   return bool(jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(x == x[:1])
                                                    for x in jax.tree.leaves(p)])))(pop))
@@ -122,7 +147,7 @@ def describe_changes(saved, wanted, path: str = "") -> list[str]:
   return [] if saved == wanted else [f"{path or 'run'} was {saved!r}, now {wanted!r}"]
 
 
-def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: ModelConfig,
+def run(pop: population.Population, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: ModelConfig,
         settings: Settings, pad_id: int, workdir: str | None = None,
         run_id: Mapping[str, Any] | None = None, progress: bool = True,
         log: Callable[[str], None] = logging.info,
@@ -150,16 +175,19 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
   if any(rows != [(0, s.batch_size)] for rows in held):
     log(f"process {jax.process_index()} builds rows {[[list(r) for r in rows] for rows in held]}"
         f" of each agent's batches of {s.batch_size}")
+  adapted_in = isinstance(pop, population.Adapted)
+  if adapted_in and s.lora is None:
+    raise ValueError("an Adapted population (base + LoRA adapters) trains its adapters: "
+                     "give settings.lora")
   base, trainable = None, pop
   if s.lora is not None:
-    if not _identical_agents(pop):
-      raise ValueError("LoRA trains per-agent adapters on one shared base, so it needs a "
-                       "population of identical agents (e.g. fresh from launch.import_hf)")
-    base = population.select(pop, 0)
-    del pop, trainable
-    trainable = lora.init(cfg, s.lora, seeds.key(s.seed, 1), A)
+    adapted = pop if adapted_in else _fresh_adapters(pop, cfg, s)
+    _check_adapters(adapted, cfg, s.lora)
+    base, trainable = adapted.base, adapted.adapters
+    del pop, adapted
     log(f"LoRA rank {s.lora.rank} alpha {s.lora.alpha:g} on {','.join(s.lora.targets)}: "
-        f"{lora.count(trainable) // A:,} adapter parameters per agent")
+        f"{lora.count(trainable) // A:,} adapter parameters per agent"
+        + ("" if adapted_in else " (fresh)"))
   state = finetune.init_state(trainable, s.hyper, total_steps)
   scale = s.lora.scale if s.lora else 1.0
   settings_id = dataclasses.asdict(s)
@@ -236,8 +264,12 @@ def run(pop: Params, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: Mo
     if ckpts is not None:
       ckpts.close()
   bar.close()
-  params = state["params"] if s.lora is None else lora.merge_population(base, state["params"],
-                                                                          s.lora)
+  if s.lora is None:
+    params = state["params"]
+  elif adapted_in:
+    params = population.Adapted(base=base, adapters=state["params"], scale=s.lora.scale)
+  else:
+    params = lora.merge_population(base, state["params"], s.lora)
   return Result(params=params, steps=distributed.to_host(state["step"]).tolist(),
                 examples=[len(e) for e in examples], final_loss=last_loss, tokens=tokens_done,
                 seconds=time.perf_counter() - t0)

@@ -1,5 +1,7 @@
 """LoRA: zero-init adapters reproduce the base; merged weights equal the adapter forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +73,41 @@ def test_lora_training_updates_adapters_only_and_learns():
   a, _ = fwd(base, _tokens(), cfg=CFG, lora=one, lora_scale=LCFG.scale)
   b, _ = fwd(merged, _tokens(), cfg=CFG)
   np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_sft_trains_an_adapted_population_on_and_a_full_one_from_fresh_adapters():
+  """sft.run on base + adapters keeps them apart (the result is Adapted, the
+  base untouched); on a full population of copies it trains fresh adapters
+  and merges them. From the same fresh adapters both give the same agents."""
+  from maft_jax import finetune, population, seeds, sft
+  from tests.maft_jax.test_finetune import _examples
+  base = model.init_params(CFG, jax.random.key(3), init_std=0.3)
+  examples = [_examples(1, n=4), [], _examples(2, n=4)]  # agent 1 has no data
+  s = sft.Settings(hyper=finetune.Hyper(learning_rate=1e-2, warmup_frac=0.0), epochs=1,
+                   batch_size=2, seq_len=16, lora=LCFG)
+  kw = dict(cfg=CFG, settings=s, pad_id=0, progress=False)
+  full = sft.run(population.replicate(base, 3), examples, **kw)
+  fresh = population.Adapted(base=base, adapters=lora.init(CFG, LCFG, seeds.key(s.seed, 1), 3),
+                             scale=LCFG.scale)
+  adapted = sft.run(fresh, examples, **kw)
+  assert isinstance(adapted.params, population.Adapted) and adapted.steps == full.steps == [2, 0, 2]
+  assert adapted.params.base is base
+  merged = lora.merge_population(base, adapted.params.adapters, LCFG)
+  jax.tree.map(np.testing.assert_array_equal, merged, full.params)
+  # Trained on (from adapters that are not fresh ones): the agents with data
+  # move on from their adapters, the one without keeps them bit for bit.
+  start = jax.tree.map(lambda x: x + 0.01, adapted.params.adapters)
+  before = jax.tree.map(np.asarray, start)
+  on = sft.run(dataclasses.replace(adapted.params, adapters=start), examples, **kw).params.adapters
+  for a, moved in enumerate([True, False, True]):
+    same = [np.array_equal(x[a], y[a]) for x, y in zip(jax.tree.leaves(before),
+                                                       jax.tree.leaves(on))]
+    assert not all(same) if moved else all(same), a
+  # Adapters that are not the settings' are refused, naming both.
+  import pytest
+  with pytest.raises(ValueError, match="not those of LoraConfig"):
+    other = lora.LoraConfig(rank=2, alpha=4.0)
+    sft.run(population.Adapted(base=base, adapters=lora.init(CFG, other, jax.random.key(0), 3),
+                               scale=other.scale), examples, **kw)
+  with pytest.raises(ValueError, match="give settings.lora"):
+    sft.run(fresh, examples, **dict(kw, settings=dataclasses.replace(s, lora=None)))

@@ -30,8 +30,8 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from maft_jax import (builders, checks, files, finetune, generation, lora, sampling, selection,
-                      sft, sharding)
+from maft_jax import (builders, checks, files, finetune, generation, lora, population, sampling,
+                      selection, sft, sharding)
 
 # A HF directory, a population checkpoint, or a base the run builds (maft_jax.builders).
 MODEL_SOURCES = ("hf", "checkpoint", *builders.BUILDERS)
@@ -141,11 +141,11 @@ class Agents:
     return self.generators * (2 if self.critics else 1)
 
   def generators_of(self, pop):
-    return jax.tree.map(lambda x: x[:self.generators], pop)
+    return population.take(pop, 0, self.generators)
 
   def critics_of(self, pop):
     """The critics' slots, or None without critics."""
-    return jax.tree.map(lambda x: x[self.generators:], pop) if self.critics else None
+    return population.take(pop, self.generators, self.num_agents) if self.critics else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -101,6 +101,14 @@ def _select(pop: Params, i: int) -> Params:
   return jax.tree.map(lambda x: x[i], pop)
 
 
+def take(pop: Population, start: int, stop: int) -> Population:
+  """Agents start..stop-1 as a population of the same form (an Adapted one
+  keeps its one base and slices its adapters)."""
+  if isinstance(pop, Adapted):
+    return dataclasses.replace(pop, adapters=jax.tree.map(lambda x: x[start:stop], pop.adapters))
+  return jax.tree.map(lambda x: x[start:stop], pop)
+
+
 def unstack(pop: Params) -> list[Params]:
   return [select(pop, i) for i in range(num_agents(pop))]
 

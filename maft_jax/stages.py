@@ -192,7 +192,7 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune,
       rows[a] += read_rows(env.stage_dir(i, "select"), a)
   if p.agents.shared:  # one model trains on every slot's rows; all slots stay copies of it
     rows = [[r for agent_rows in rows for r in agent_rows]]
-    pop = jax.tree.map(lambda x: x[:1], pop)
+    pop = population.take(pop, 0, 1)
   examples = [sft.tokenize_rows(r, env.tokenizer, where=lambda i, a=a: f"agent {a} row {i}")
               for a, r in enumerate(rows)]
   settings = dataclasses.replace(p.finetune.sft,

@@ -67,6 +67,8 @@ def test_replicate_stack_unstack():
   adapted = population.Adapted(base=params, adapters={"wq": {"a": jnp.zeros((5, 2, 32, 1))}},
                                scale=1.0)
   assert population.num_agents(adapted) == 5
+  some = population.take(adapted, 1, 3)
+  assert population.num_agents(some) == 2 and some.base is adapted.base
   with pytest.raises(TypeError, match="full population"):
     population.select(adapted, 0)
 

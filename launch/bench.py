@@ -1,6 +1,6 @@
 r"""Benchmarks, measured side by side in one process on one card.
 
-    python -m launch.bench --what=sample [--tiny] [--peer]
+    python -m launch.bench --what=sample [--tiny] [--peer] [--lora]
     python -m launch.bench --what=train [--tiny] [--peer]
     python -m launch.bench --what=train --lora_only --arch=llama-3-8b --agents=8 --train_batch=4
 
@@ -14,7 +14,10 @@ the measured bandwidth, plus prefill FLOPs over the measured matmul rate),
 and the ratio of the vmapped population against the same agents sampled one
 after another. `--peer` also runs benchmarks/peers/hf_generate_peer.py (HF
 transformers `generate`, one model per agent; PyTorch on the card) in the same
-command and prints our ratio against it.
+command and prints our ratio against it. `--lora` also samples, per A, one
+shared base with A rank-16 adapters (`population.Adapted`: the base is read
+once per step for every agent) and prints its tok/s, roofline fraction, step
+time against the first A and speed against the A full copies.
 
 `--what=train` runs the reference training workload: Qwen2-0.5B architecture,
 16 sequences of 1024 tokens per agent per step, bf16 compute, fp32 master

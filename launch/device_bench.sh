@@ -4,8 +4,8 @@
 #
 #   bash launch/device_bench.sh [sample] [train] [lora8b]     (default: all three)
 #
-# `sample`: launch.bench --what=sample --peer (A = 1, 2, 4, 8, roofline, vs
-# sequential, vs HF generate); `train`: --what=train --peer (MFU, vs
+# `sample`: launch.bench --what=sample --peer --lora (A = 1, 2, 4, 8, roofline, vs
+# sequential, vs HF generate, LoRA populations); `train`: --what=train --peer (MFU, vs
 # sequential, LoRA rows, vs the compiled PyTorch peer); `lora8b`: LoRA rank 16
 # for 8 agents of a Llama-3-8B-shaped model on one card (memory and tok/s).
 # The peers are benchmarks/peers/hf_{generate,train}_peer.py, run with $PY:
@@ -41,7 +41,7 @@ jobs_=("$@")
 [ ${#jobs_[@]} -eq 0 ] && jobs_=(sample train lora8b)
 for job in "${jobs_[@]}"; do
   case $job in
-    sample) bench sample --what=sample --peer --dump_hlo="$OUT/decode_hlo.txt.gz" ;;
+    sample) bench sample --what=sample --peer --lora --dump_hlo="$OUT/decode_hlo.txt.gz" ;;
     train) bench train --what=train --peer --dump_hlo="$OUT/train_hlo.txt.gz" ;;
     lora8b) bench lora8b --what=train --lora_only --arch=llama-3-8b --agents=8 --train_batch=4 \
                          --repeats=2 ;;

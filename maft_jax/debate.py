@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import jax
 
-from maft_jax import generation
+from maft_jax import generation, population
 from maft_jax.model import Params
 from maft_jax.tasks import prompts
 from maft_jax.tasks.base import Problem, Task
@@ -74,7 +74,7 @@ def run(gen: generation.Generator, task: Task, problems: Sequence[Problem], *,
   summary_options = dataclasses.replace(options, stop_after_boxed=False, stop_strings=())
 
   first = [prompts.round1(p, fmt) for p in problems]
-  n_slots = _num_agents(generators)
+  n_slots = population.num_agents(generators)
   msgs = [[first] * n_slots]
   texts, finishes = ask(generators, msgs[0], jax.random.fold_in(round_key, 0))
   texts, finishes = [texts], [finishes]
@@ -139,11 +139,6 @@ def rationale_rows(d: Debate, correct_NxB, tokenizer) -> list[list[dict]]:
                                messages=[d.messages[0]])
   mask = [[a and bool(c) for a, c in zip(*pair)] for pair in zip(asked, correct_NxB)]
   return sft_rows(hinted, 0, mask, tokenizer)
-
-
-def _num_agents(pop: Params) -> int:
-  from maft_jax import population
-  return population.num_agents(pop)
 
 
 def sft_rows(debate: Debate, round_index: int, mask_NxB, tokenizer) -> list[list[dict]]:

@@ -147,8 +147,8 @@ def describe_changes(saved, wanted, path: str = "") -> list[str]:
   return [] if saved == wanted else [f"{path or 'run'} was {saved!r}, now {wanted!r}"]
 
 
-def run(pop: population.Population, examples: Sequence[Sequence[Mapping[str, Any]]], *, cfg: ModelConfig,
-        settings: Settings, pad_id: int, workdir: str | None = None,
+def run(pop: population.Population, examples: Sequence[Sequence[Mapping[str, Any]]], *,
+        cfg: ModelConfig, settings: Settings, pad_id: int, workdir: str | None = None,
         run_id: Mapping[str, Any] | None = None, progress: bool = True,
         log: Callable[[str], None] = logging.info,
         placement: sharding.Placement = sharding.LOCAL) -> Result:
@@ -181,8 +181,9 @@ def run(pop: population.Population, examples: Sequence[Sequence[Mapping[str, Any
                      "give settings.lora")
   base, trainable = None, pop
   if s.lora is not None:
+    if adapted_in:
+      _check_adapters(pop, cfg, s.lora)
     adapted = pop if adapted_in else _fresh_adapters(pop, cfg, s)
-    _check_adapters(adapted, cfg, s.lora)
     base, trainable = adapted.base, adapted.adapters
     del pop, adapted
     log(f"LoRA rank {s.lora.rank} alpha {s.lora.alpha:g} on {','.join(s.lora.targets)}: "

@@ -37,8 +37,8 @@ training problems and drops problems without an answer; we evaluate on a
 disjoint held-out split and count an unanswered problem as wrong.
 
 Full finetuning of 6 agents of an 8B model needs a pod slice (see README,
-"Running on a pod") or LoRA on one card: --config.finetune.lora_rank=16
---config.finetune.init=base. Then: python -m launch.report --workdir=DIR
+"Running on a pod") or LoRA on one card: --config.finetune.lora_rank=16 (one
+base, adapters per agent). Then: python -m launch.report --workdir=DIR
 """
 
 import ml_collections

@@ -12,9 +12,11 @@ the policy on unequal data). With --workdir, training checkpoints (state,
 data iterators) are written every --save_every steps and a rerun resumes from
 the latest one. The result is a new population checkpoint at --out.
 
-With --lora_rank=R, the agents (which must be identical: one base) share one
-frozen copy of the base and train per-agent adapters (--lora_alpha,
---lora_targets); the adapters are merged into full weights in --out.
+With --lora_rank=R, a full population's agents (which must be identical: one
+base) share one frozen copy of the base and train fresh per-agent adapters
+(--lora_alpha, --lora_targets), merged into full weights in --out; a LoRA
+checkpoint's adapters train further and --out is a LoRA checkpoint again
+(over the same base).
 """
 
 from absl import app, flags
@@ -92,7 +94,9 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   out = checkpoint.save_population(_OUT.value, result.params, cfg=meta.cfg,
                                    hf_config=meta.hf_config, source_dtype=meta.source_dtype,
-                                   tokenizer_from=checkpoint.tokenizer_dir(_CHECKPOINT.value))
+                                   tokenizer_from=checkpoint.tokenizer_dir(_CHECKPOINT.value),
+                                   # adapters trained further keep the input's base reference
+                                   base_ref=meta.base_ref if meta.lora else None)
   print(f"wrote {out}: {meta.num_agents} agents, steps per agent {result.steps}")
 
 

@@ -166,11 +166,6 @@ class Finetune:
   def __post_init__(self):
     checks.check(self.init in ("previous", "base"), "init", self.init,
                  "must be previous or base")
-    checks.check(self.sft.lora is None or self.init == "base", "lora_rank",
-                 self.sft.lora and self.sft.lora.rank,
-                 "LoRA trains adapters on one shared frozen base, so each iteration must start "
-                 "from the base: set finetune.init='base' (it then trains on the accumulated "
-                 "data)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -320,9 +315,20 @@ def _check_model_files(c: Mapping[str, Any], num_agents: int) -> None:
     _check(c, os.path.isfile(os.path.join(m["path"], marker)), "model.path",
            f"no {marker} there (model.source={m['source']!r})")
   if m["source"] == "checkpoint":
-    stored = files.read_json(os.path.join(m["path"], "maft.json")).get("num_agents")
+    meta = files.read_json(os.path.join(m["path"], "maft.json"))
+    stored = meta.get("num_agents")
     _check(c, stored in (1, num_agents), "model.path",
            f"the checkpoint has {stored} agents; this config needs 1 (copied) or {num_agents}")
+    _check(c, not c["finetune"]["lora_rank"] or stored == 1 or "lora" in meta, "model.path",
+           f"the checkpoint holds {stored} full agents; LoRA (finetune.lora_rank) trains "
+           "adapters over one base: give the base's HF directory, a one-agent checkpoint "
+           "(launch.import_hf --agents=1) or a LoRA checkpoint")
+    lcfg = _lora(c)
+    if lcfg is not None and "lora" in meta:
+      want = {"rank": lcfg.rank, "alpha": lcfg.alpha, "targets": sorted(lcfg.targets)}
+      _check(c, meta["lora"] == want, "finetune.lora_rank",
+             f"the checkpoint's adapters are {meta['lora']}; this config trains {want}: "
+             "set finetune.lora_rank, lora_alpha and lora_targets to the checkpoint's")
 
 
 def _check_task(c: Mapping[str, Any]) -> None:

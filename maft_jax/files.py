@@ -11,6 +11,7 @@ path (and the line of a JSONL file).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -66,6 +67,38 @@ def write_json(path: str, obj: Any, *, indent: int | None = 1) -> None:
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
   write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+_DIGESTS: dict = {}
+
+
+def sha256(root: str, names: Iterable[str]) -> str:
+  """sha256 of the named files under `root` (their names and bytes, in name
+  order). Memoised on the files' sizes and modification times, so a process
+  hashes an unchanged multi-GB base once, however often it checks it."""
+  stats = []
+  for name in sorted(names):
+    st = os.stat(os.path.join(root, name))
+    stats.append((name, st.st_size, st.st_mtime_ns))
+  key = (os.path.abspath(root), tuple(stats))
+  if key not in _DIGESTS:
+    h = hashlib.sha256()
+    for name, _, _ in stats:
+      h.update(name.encode() + b"\0")
+      with open(os.path.join(root, name), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):  # noqa: B023
+          h.update(chunk)
+    _DIGESTS[key] = h.hexdigest()
+  return _DIGESTS[key]
+
+
+def tree_files(root: str, *subdirs: str) -> list[str]:
+  """Every file under root/<subdir> (each that exists), relative to `root`."""
+  out = []
+  for sub in subdirs:
+    for d, _, names in os.walk(os.path.join(root, sub)):
+      out += [os.path.relpath(os.path.join(d, n), root) for n in names]
+  return sorted(out)
 
 
 def commit_dir(partial: str, final: str) -> None:

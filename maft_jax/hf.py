@@ -376,6 +376,43 @@ def load(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32",
   return HFModel(params=params, cfg=cfg, hf_config=hf_config, source_dtype=tensors_dtype(tensors))
 
 
+# Our LoRA targets -> the HF Linear each adapts (`lora.TARGETS`).
+PEFT_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                "w_down": "mlp.down_proj"}
+
+
+def save_peft(out_dir: str, adapters: Mapping[str, Any], lora: Mapping[str, Any],
+              cfg: ModelConfig, hf_config: Mapping[str, Any], *, base_dir: str) -> None:
+  """One agent's adapters ({target: {"a": [L, in, r], "b": [L, r, out]}})
+  as a PEFT LoRA directory over the HF model in `base_dir`, which
+  `peft.PeftModel.from_pretrained(base, out_dir)` loads. A Linear's input
+  and output dims are flattened as the weight converters flatten them, so
+  lora_A.weight = a[l].T [r, in] and lora_B.weight = b[l].T [out, r]; PEFT
+  scales by lora_alpha / r as we do."""
+  arch = architecture(hf_config)
+  fused = {m.rsplit(".", 1)[0] for fused in _fusions(arch, cfg).values() for m, _ in fused}
+  if any(PEFT_MODULES[t] in fused for t in adapters):
+    raise HFError(f"{arch} fuses {sorted(fused)} into one Linear, so separate adapters on them "
+                  "have no PEFT form; export the merged agents instead")
+  tensors = {}
+  for t, ab in adapters.items():
+    for i in range(cfg.num_layers):
+      name = f"base_model.model.model.layers.{i}.{PEFT_MODULES[t]}"
+      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"][i]).T)
+      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b"][i]).T)
+  os.makedirs(out_dir, exist_ok=True)
+  safetensors_io.write(os.path.join(out_dir, "adapter_model.safetensors"),
+                       {k: v.astype(np.float32) for k, v in tensors.items()})
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora["rank"]),
+            "lora_alpha": float(lora["alpha"]), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True,
+            "target_modules": sorted(PEFT_MODULES[t].rsplit(".", 1)[1] for t in adapters),
+            "base_model_name_or_path": os.path.abspath(base_dir)}
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   os.makedirs(dst_dir, exist_ok=True)
   copied = []

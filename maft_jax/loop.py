@@ -38,6 +38,7 @@ the same inputs over one global mesh; process 0 writes the workdir.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -45,9 +46,9 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from maft_jax import builders, config, distributed, files, records, report, source, stages
+from maft_jax import (builders, config, distributed, files, population, records, report, source,
+                      stages)
 from maft_jax.config import ConfigError, Plan
-from maft_jax.model import Params
 
 
 class StageSpec(NamedTuple):
@@ -118,15 +119,24 @@ def base_source(plan: Plan, workdir: str, *, log: Callable[[str], None] = loggin
   built first, by the primary, into `<workdir>/<source>_base`."""
   m = plan.model
   if m.source in source.KINDS:
-    return source.describe(m.source, m.path, dtype=m.dtype, param_dtype="float32",
-                           remat=m.remat)
+    return _for_plan(plan, source.describe(m.source, m.path, dtype=m.dtype,
+                                           param_dtype="float32", remat=m.remat))
   build = lambda: builders.get(m.source).build(  # noqa: E731
       os.path.join(workdir, f"{m.source}_base"), m.demo_preset, task_options=plan.task.options,
       log=log, progress=progress)
   path = build() if distributed.is_primary() else None
   distributed.barrier(f"{m.source}_base")
   path = path or build()  # other processes find it built: a read
-  return source.describe("hf", path, dtype=m.dtype, param_dtype="float32", remat=m.remat)
+  return _for_plan(plan, source.describe("hf", path, dtype=m.dtype, param_dtype="float32",
+                                         remat=m.remat))
+
+
+def _for_plan(plan: Plan, src: source.Source) -> source.Source:
+  """With LoRA the base is frozen: it is held in the dtype it is stored in
+  (bf16 weights are not widened to f32 masters nobody updates)."""
+  if plan.finetune.sft.lora is None:
+    return src
+  return dataclasses.replace(src, cfg=dataclasses.replace(src.cfg, param_dtype=src.stored_dtype))
 
 
 class Run:
@@ -165,15 +175,11 @@ class Run:
   def population_path(self, iteration: int) -> str:
     return os.path.join(Stage(self.workdir, iteration, "finetune").dir, "population")
 
-  def load_population(self, iteration: int) -> Params:
+  def load_population(self, iteration: int) -> population.Population:
     """The population after `iteration` (0: the base) on the run's mesh."""
-    env = self.env
     if iteration == 0:
-      return env.load_base()
-    m = self.plan.model
-    src = source.describe("checkpoint", self.population_path(iteration), dtype=m.dtype,
-                          param_dtype="float32", remat=m.remat)
-    return source.load(src, self.plan.num_agents, env.placement)
+      return self.env.load_base()
+    return self.env.load_checkpoint(self.population_path(iteration))
 
   def run(self) -> list[records.Record]:
     """Every stage not yet done, in order; returns the records."""

@@ -9,7 +9,8 @@ adapter is A [L, in, r] and B [L, r, out]; the forward adds
 ((x @ A) @ B) * alpha / r without forming W + A @ B (model._project). B
 starts at zero, so a fresh adapter reproduces the base exactly; A starts
 normal with std 1/r (kept small so the first updates are well scaled).
-`merge` folds an agent's adapters into full weights, for export.
+`merge` folds an agent's adapters into full weights (export, and a full
+population from an Adapted one: `population.merged`).
 """
 
 from __future__ import annotations
@@ -63,9 +64,17 @@ def adapter_shapes(cfg: ModelConfig, lcfg: LoraConfig) -> dict:
 ADAPTER_AXES = {"a": ("layers", "embed", None), "b": ("layers", None, "embed")}
 
 
-def axes(lcfg: LoraConfig) -> dict:
-  """Logical axes of one agent's adapters."""
-  return {t: dict(ADAPTER_AXES) for t in lcfg.targets}
+def stacked_axes(targets) -> dict:
+  """Logical axes of a population's stacked adapters [A, ...] on `targets`
+  (names, or an adapter dict)."""
+  return {t: {k: ("agent",) + a for k, a in ADAPTER_AXES.items()} for t in targets}
+
+
+def describe(adapters: dict, scale: float) -> dict:
+  """{"rank", "alpha", "targets"} of stacked adapters (what checkpoints
+  and the PEFT export record)."""
+  rank = int(next(iter(adapters.values()))["a"].shape[-1])
+  return {"rank": rank, "alpha": float(scale * rank), "targets": sorted(adapters)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "num_agents", "dtype"))
@@ -87,20 +96,15 @@ def init(cfg: ModelConfig, lcfg: LoraConfig, key: jax.Array, num_agents: int,
   return out
 
 
-def merge(base: Params, adapters: dict, lcfg: LoraConfig) -> Params:
-  """One agent's full weights: W + (A @ B) * scale in float32, cast back."""
+def merge(base: Params, adapters: dict, scale: float, dtype=None) -> Params:
+  """One agent's full weights: W + (A @ B) * scale in float32, cast back to
+  W's dtype (or `dtype`)."""
   layers = dict(base["layers"])
   for t, ab in adapters.items():
     w = layers[t]
     delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
-    layers[t] = (w.astype(jnp.float32) + lcfg.scale * delta.reshape(w.shape)).astype(w.dtype)
+    layers[t] = (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(dtype or w.dtype)
   return {**base, "layers": layers}
-
-
-@functools.partial(jax.jit, static_argnames="lcfg")
-def merge_population(base: Params, adapters: dict, lcfg: LoraConfig) -> Params:
-  """Full weights of every agent, stacked [A, ...] (for export)."""
-  return jax.vmap(lambda ad: merge(base, ad, lcfg))(adapters)
 
 
 def count(adapters: dict) -> int:

@@ -84,7 +84,7 @@ class MemoryPlan:
     knobs = []
     if self.opt_state + self.params > self.capacity / 2:
       knobs.append("more devices on FSDP (config.mesh.fsdp) or LoRA "
-                   "(config.finetune.lora_rank=16 with config.finetune.init=base)")
+                   "(config.finetune.lora_rank=16: one base, adapters per agent)")
     if self.kv_cache + (self.sample_temp or 0) > self.capacity / 4:
       knobs.append("a smaller config.debate.batch_size / config.eval.batch_size")
     if (self.train_temp or 0) > self.capacity / 4:

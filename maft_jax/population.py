@@ -23,7 +23,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
-from maft_jax import model, sharding
+from maft_jax import lora, model, sharding
 from maft_jax.model import ModelConfig, Params
 
 
@@ -107,6 +107,41 @@ def take(pop: Population, start: int, stop: int) -> Population:
   if isinstance(pop, Adapted):
     return dataclasses.replace(pop, adapters=jax.tree.map(lambda x: x[start:stop], pop.adapters))
   return jax.tree.map(lambda x: x[start:stop], pop)
+
+
+def tile(pop: Population, num: int) -> Population:
+  """A population of one agent as `num` copies of it (an Adapted one: of its
+  adapters, over its one base)."""
+  if isinstance(pop, Adapted):
+    return dataclasses.replace(pop, adapters=jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num,) + x.shape[1:]), pop.adapters))
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num,) + x.shape[1:]), pop)
+
+
+def logical_axes(pop: Population, cfg: ModelConfig) -> Population:
+  """Logical axis names of every leaf of `pop` (arrays or shapes), in its own
+  form: a full population's have 'agent' first (`axes`); an Adapted one's
+  base has no agent axis (the rule table places it as one model), its
+  adapters do."""
+  if isinstance(pop, Adapted):
+    return Adapted(base=model.param_axes(cfg), adapters=lora.stacked_axes(pop.adapters),
+                   scale=pop.scale)
+  return axes(cfg)
+
+
+def merged(pop: Population, cfg: ModelConfig,
+           placement: sharding.Placement = sharding.LOCAL) -> Params:
+  """The full weights [A, ...] of a population: an Adapted one's adapters
+  folded into copies of its base (`lora.merge`), on the rule table's
+  layout; a full one as it is."""
+  return _merged(pop, cfg, placement) if isinstance(pop, Adapted) else pop
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "placement"))
+def _merged(pop: Adapted, cfg: ModelConfig, placement: sharding.Placement) -> Params:
+  with placement.tracing():
+    full = jax.vmap(lambda ad: lora.merge(pop.base, ad, pop.scale))(pop.adapters)
+    return sharding.constrain_state(full, axes(cfg))
 
 
 def unstack(pop: Params) -> list[Params]:

@@ -270,7 +270,8 @@ def run(pop: population.Population, examples: Sequence[Sequence[Mapping[str, Any
   elif adapted_in:
     params = population.Adapted(base=base, adapters=state["params"], scale=s.lora.scale)
   else:
-    params = lora.merge_population(base, state["params"], s.lora)
+    params = population.merged(population.Adapted(base=base, adapters=state["params"],
+                                                  scale=s.lora.scale), cfg, placement)
   return Result(params=params, steps=distributed.to_host(state["step"]).tolist(),
                 examples=[len(e) for e in examples], final_loss=last_loss, tokens=tokens_done,
                 seconds=time.perf_counter() - t0)

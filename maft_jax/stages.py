@@ -52,7 +52,14 @@ def eval_key(seed: int) -> jax.Array:
 class Env:
   """What every stage of a run reads. Built from the base's description, not
   its weights: the tokenizer, model config and sampler; the task and its
-  problems are read when first used."""
+  problems are read when first used.
+
+  With LoRA (finetune.lora_rank) every population is one base with stacked
+  adapters (`population.Adapted`): the base is read once, held for the whole
+  run and shared by every population; the base population's adapters are
+  fresh (B = 0, so it samples as the base) from `stage_key(seed, 0,
+  'finetune')`, and each iteration's checkpoint holds only its adapters and a
+  reference to the base (`checkpoint.BaseRef`)."""
 
   def __init__(self, plan: config.Plan, workdir: str, base: source.Source, *,
                log: Callable[[str], None] = logging.info, progress: bool = True):
@@ -65,8 +72,11 @@ class Env:
     self.gen = generation.Generator(self.cfg, self.tokenizer, progress=progress, log=log,
                                     placement=self.placement)
     self.progress = progress
+    self.lora = plan.finetune.sft.lora
     self._task: Task | None = None
     self._split = None
+    self._lora_base: Params | None = None
+    self._base_ref: checkpoint.BaseRef | None = None
 
   @property
   def task(self) -> Task:
@@ -85,9 +95,43 @@ class Env:
   def stage_dir(self, iteration: int, name: str) -> str:
     return stage_dir(self.workdir, iteration, name)
 
-  def load_base(self) -> Params:
-    """The base population: A copies of the base (or a checkpoint's A agents) on the mesh."""
-    return source.load(self.base, self.plan.num_agents, self.placement)
+  @property
+  def base_ref(self) -> checkpoint.BaseRef:
+    """The run's base as LoRA checkpoints reference it (hashed once)."""
+    if self._base_ref is None:
+      self._base_ref = checkpoint.BaseRef.of(self.base.kind, self.base.path)
+    return self._base_ref
+
+  def lora_base(self) -> Params:
+    """The one base every LoRA population shares (read on first use, then held)."""
+    if self._lora_base is None:
+      self._lora_base = source.load_base(self.base, self.placement)
+    return self._lora_base
+
+  def load_base(self) -> population.Population:
+    """The base population on the mesh: A copies of the base (or a
+    checkpoint's A agents, merged if they are LoRA ones); with LoRA, the
+    held base with the base population's adapters (class docstring)."""
+    A = self.plan.num_agents
+    if self.lora is None:
+      return population.merged(source.load(self.base, A, self.placement), self.cfg,
+                               self.placement)
+    return source.adapted(self.base, A, self.placement, self.lora,
+                          stage_key(self.plan.seed, 0, "finetune"), base=self.lora_base())
+
+  def load_checkpoint(self, path: str) -> population.Population:
+    """An iteration's population checkpoint (`stages.finetune` wrote it) on the mesh."""
+    if self.lora is None:
+      m = self.plan.model
+      src = source.describe("checkpoint", path, dtype=m.dtype, param_dtype="float32",
+                            remat=m.remat)
+      return source.load(src, self.plan.num_agents, self.placement)
+    adapters, meta = checkpoint.load_adapters(path, self.placement)
+    if meta.base_ref is None or meta.base_ref.sha256 != self.base_ref.sha256:
+      raise checkpoint.CheckpointError(
+          f"{path}: its adapters were not trained over this run's base {self.base.path} "
+          f"(it records {meta.base_ref})")
+    return population.Adapted(base=self.lora_base(), adapters=adapters, scale=meta.scale)
 
   def row_nll(self, pop: Params, rows) -> tuple[np.ndarray, np.ndarray]:
     """`scoring.text_nll` of rows[author][b] = (messages, response), in
@@ -181,9 +225,12 @@ def select(env: Env, k: int, pop: Params | None, out: str) -> records.Select:
   return sel.summary
 
 
-def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune, Params]:
+def finetune(env: Env, k: int, pop: population.Population, out: str
+             ) -> tuple[records.Finetune, population.Population]:
   """Every agent trained on its rows of iteration k (finetune.init=base: from
-  the base, on its rows of iterations 1..k); returns the new population."""
+  the base, on its rows of iterations 1..k); returns the new population.
+  With LoRA, `pop`'s adapters train further (init=base: the base
+  population's) and the checkpoint holds them with a reference to the base."""
   p = env.plan
   iters = range(1, k + 1) if p.finetune.init == "base" else range(k, k + 1)
   rows = [[] for _ in range(p.num_agents)]
@@ -203,13 +250,15 @@ def finetune(env: Env, k: int, pop: Params, out: str) -> tuple[records.Finetune,
                    log=env.log, placement=env.placement)
   params = result.params
   if p.agents.shared:  # copies of the one trained model, on the mesh by the rule table
-    layout = env.placement.shardings(population.axes(env.cfg),
-                                     population.shapes(env.cfg, p.num_agents))
-    params = jax.jit(lambda one: population.replicate(population.select(one, 0), p.num_agents),
-                     out_shardings=layout)(params)
+    copies = lambda one: population.tile(one, p.num_agents)  # noqa: E731
+    shapes = jax.eval_shape(copies, params)
+    layout = env.placement.shardings(population.logical_axes(shapes, env.cfg), shapes)
+    params = jax.jit(copies, out_shardings=layout)(params)
+  adapted = isinstance(params, population.Adapted)
   checkpoint.save_population(os.path.join(out, "population"), params, cfg=env.cfg,
                              hf_config=env.base.hf_config, source_dtype=env.base.source_dtype,
-                             tokenizer_from=env.base.tokenizer_dir)
+                             tokenizer_from=env.base.tokenizer_dir,
+                             base_ref=env.base_ref if adapted else None)
   return records.Finetune(examples=result.examples, steps=result.steps,
                           final_loss=result.final_loss, tokens=result.tokens), params
 

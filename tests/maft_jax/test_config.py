@@ -21,7 +21,7 @@ def _config(**groups):
     (dict(selection=dict(mode="best")), "config.selection.mode='best'"),
     (dict(selection=dict(critic_weight=1.0)), "config.selection.critic_weight=1.0"),
     (dict(debate=dict(top_p=0.0)), "config.debate.top_p=0.0"),
-    (dict(finetune=dict(lora_rank=4)), "config.finetune.lora_rank=4"),
+    (dict(finetune=dict(lora_rank=-1)), "config.finetune.lora_rank=-1"),
     (dict(finetune=dict(seq_len=100, init="base"), debate=dict(max_new_tokens=512)),
      "config.finetune.seq_len=100"),
     (dict(agents=dict(shared=True)), "config.agents.shared=True"),
@@ -52,9 +52,10 @@ def test_validate_unknown_field_and_defaults():
   assert plan.num_agents == 10 and plan.debate.rounds == 2
   assert plan.finetune.sft.hyper.learning_rate == 1e-5
   assert plan.config["debate"]["rounds"] == 2   # defaults are filled into the resolved config
-  # LoRA is accepted when every iteration starts from the base.
-  plan = config.validate(_config(finetune=dict(lora_rank=4, init="base")))
-  assert plan.finetune.sft.lora.rank == 4 and plan.finetune.sft.lora.alpha == 8.0
+  # LoRA from either start: the previous iteration's adapters, or the base's.
+  for init in ("previous", "base"):
+    plan = config.validate(_config(finetune=dict(lora_rank=4, init=init)))
+    assert plan.finetune.sft.lora.rank == 4 and plan.finetune.sft.lora.alpha == 8.0
 
 
 def test_config_changes_allow_more_iterations_and_another_mesh_only():

@@ -32,7 +32,7 @@ def test_merged_weights_equal_adapter_forward():
   # Non-zero B so the adapters matter.
   adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape),
                           adapters)
-  merged = lora.merge(base, adapters, LCFG)
+  merged = lora.merge(base, adapters, LCFG.scale)
   via_adapters, _ = fwd(base, _tokens(), cfg=CFG, lora=adapters, lora_scale=LCFG.scale)
   via_merged, _ = fwd(merged, _tokens(), cfg=CFG)
   plain, _ = fwd(base, _tokens(), cfg=CFG)
@@ -69,7 +69,7 @@ def test_lora_training_updates_adapters_only_and_learns():
   jax.tree.map(np.testing.assert_array_equal, base, base_before)  # frozen, not donated
   # The trained adapters, merged, give the same logits as the adapter forward.
   one = jax.tree.map(lambda x: x[1], state["params"])
-  merged = lora.merge(base, one, LCFG)
+  merged = lora.merge(base, one, LCFG.scale)
   a, _ = fwd(base, _tokens(), cfg=CFG, lora=one, lora_scale=LCFG.scale)
   b, _ = fwd(merged, _tokens(), cfg=CFG)
   np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
@@ -92,7 +92,7 @@ def test_sft_trains_an_adapted_population_on_and_a_full_one_from_fresh_adapters(
   adapted = sft.run(fresh, examples, **kw)
   assert isinstance(adapted.params, population.Adapted) and adapted.steps == full.steps == [2, 0, 2]
   assert adapted.params.base is base
-  merged = lora.merge_population(base, adapted.params.adapters, LCFG)
+  merged = population.merged(adapted.params, CFG)
   jax.tree.map(np.testing.assert_array_equal, merged, full.params)
   # Trained on (from adapters that are not fresh ones): the agents with data
   # move on from their adapters, the one without keeps them bit for bit.

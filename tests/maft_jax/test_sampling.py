@@ -289,7 +289,7 @@ def test_fresh_adapters_sample_like_copies_of_their_base(method):
 
 def test_adapters_give_the_merged_populations_logits_and_samples():
   pop = _adapted(1, 3, random_b=True)
-  merged = lora.merge_population(pop.base, pop.adapters, LCFG)
+  merged = population.merged(pop, CFG)
   tokens, mask = _prompts()
   kw = dict(cfg=CFG, positions=model.positions_from_mask(mask), segment_ids=mask)
   logits, ref = (np.asarray(population.forward(p, tokens, **kw)) for p in (pop, merged))
@@ -333,5 +333,5 @@ def test_adapted_decode_reads_one_copy_of_the_base():
         p, s, jax.random.key(1), cfg=CFG, method=SEEDED, max_new_tokens=6))(p, state).jaxpr
 
   assert _per_agent_base_copies(decode_jaxpr(pop), pop.base, 3) == []
-  full = lora.merge_population(pop.base, pop.adapters, LCFG)
+  full = population.merged(pop, CFG)
   assert _per_agent_base_copies(decode_jaxpr(full), pop.base, 3)

@@ -168,7 +168,7 @@ def test_row_nll_of_an_adapted_population_is_the_merged_populations():
   adapters = jax.tree.map(lambda x: x + 0.1, adapters)   # a nonzero B: the agents differ
   pop = population.Adapted(base=model.init_params(cfg, jax.random.key(0)), adapters=adapters,
                            scale=lcfg.scale)
-  merged = lora.merge_population(pop.base, pop.adapters, lcfg)
+  merged = population.merged(pop, cfg)
   rng = np.random.default_rng(1)
   rows = [[scoring.scoring_rows(rng.integers(1, 32, 3).tolist(), rng.integers(1, 32, 4).tolist(),
                                 8, 0) for _ in range(2)] for _ in range(3)]

@@ -294,8 +294,6 @@ def test_adapted_sampling_on_meshes_matches_one_device():
   adapters = jax.tree.map(lambda x: x + 0.05, lora.init(CFG, lcfg, jax.random.key(4), A))
   adapted = population.Adapted(base=model.init_params(CFG, jax.random.key(5)),
                                adapters=adapters, scale=lcfg.scale)
-  adapter_axes = jax.tree.map(lambda a: ("agent",) + a, lora.axes(lcfg),
-                              is_leaf=lambda x: isinstance(x, tuple))
   tokens, mask = _prompts()
   kwargs = dict(cfg=CFG, method=sampling.Temperature(1.0), max_new_tokens=6, stop_ids=(3,),
                 pad_id=0)
@@ -303,11 +301,8 @@ def test_adapted_sampling_on_meshes_matches_one_device():
   expected = sampling.sample(adapted, jnp.asarray(tokens), jnp.asarray(mask), key, **kwargs)
   for sizes in MESHES:
     mesh = sharding.make_mesh(sizes)
-    placed = population.Adapted(
-        base=jax.device_put(adapted.base, sharding.shardings(model.param_axes(CFG),
-                                                             adapted.base, mesh)),
-        adapters=jax.device_put(adapters, sharding.shardings(adapter_axes, adapters, mesh)),
-        scale=adapted.scale)
+    placed = jax.device_put(adapted, sharding.shardings(
+        population.logical_axes(adapted, CFG), adapted, mesh))
     assert all("agent" not in str(x.sharding.spec) for x in jax.tree.leaves(placed.base))
     rows = sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"),
                                                                  tokens.shape, mesh))

@@ -37,7 +37,7 @@ from maft_jax import (builders, checks, files, finetune, generation, lora, popul
 MODEL_SOURCES = ("hf", "checkpoint", *builders.BUILDERS)
 # Fields (or groups) a rerun of a workdir may change: more iterations extend
 # the run; a resumed run may use another slice of devices.
-RESUMABLE_CHANGES = ("iterations", "name", "mesh")
+RESUMABLE_CHANGES = ("iterations", "name", "mesh", "finetune.save_every")
 
 
 class ConfigError(ValueError):

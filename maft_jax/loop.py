@@ -24,7 +24,8 @@ before it:
 most one population: it releases the one it has before it loads another.
 
 Workdir. `config.json` (the resolved config; a rerun must match it, except
-`iterations`, `name` and `mesh`, which may grow or change), `iter_KK/STAGE/` per
+`iterations`, `name`, `mesh` and `finetune.save_every`, which may grow or
+change), `iter_KK/STAGE/` per
 finished stage (written as `STAGE.partial/` and renamed when complete, so a
 directory that exists is a finished stage), `iter_KK/finetune_state/`
 (training checkpoints while a finetune stage runs), `metrics.jsonl` (one

@@ -134,7 +134,10 @@ def merged(pop: Population, cfg: ModelConfig,
   """The full weights [A, ...] of a population: an Adapted one's adapters
   folded into copies of its base (`lora.merge`), on the rule table's
   layout; a full one as it is."""
-  return _merged(pop, cfg, placement) if isinstance(pop, Adapted) else pop
+  if not isinstance(pop, Adapted):
+    return pop
+  with placement.context():
+    return _merged(pop, cfg, placement)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "placement"))

@@ -28,9 +28,9 @@ from tests.reference import same_update
 CONFIG = "--config=configs/demo.py:smoke"
 
 
-def _kill_when(workdir, ready, timeout=240):
+def _kill_when(workdir, ready, *flags, timeout=240):
   """Start launch.train; SIGKILL it as soon as `ready()` holds."""
-  proc = cli.start("train", CONFIG, f"--workdir={workdir}", "--config.finetune.save_every=1",
+  proc = cli.start("train", CONFIG, *flags, f"--workdir={workdir}", "--config.finetune.save_every=1",
                    "--noprogress", "--noreport", stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
   deadline = time.time() + timeout
@@ -149,6 +149,88 @@ def test_killed_between_stages_and_mid_finetune_resumes_to_the_same_records(smok
   cli.run("train", CONFIG, f"--workdir={killed}", "--config.finetune.save_every=1",
           "--noprogress", "--noreport")
   assert cli.records(killed, timing=False) == cli.records(smoke_run, timing=False)
+
+
+LORA = "--config.finetune.lora_rank=4"  # finetune.init=previous: adapters continue
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+  """configs/demo.py:smoke with LoRA: one base, stacked adapters."""
+  return once.finished_run(tmp_path_factory, "lora", CONFIG, LORA, "--noprogress")
+
+
+def test_lora_run_holds_one_base_continues_adapters_and_resumes_after_a_kill(lora_run, tmp_path):
+  from maft_jax import hf, loop, population, stages
+  work = lora_run
+  records = cli.records(work, timing=False)
+  pop_dir = lambda k: os.path.join(work, f"iter_{k:02d}", "finetune", "population")  # noqa
+  base_dir = os.path.join(work, "demo_base")
+  base_bytes = sum(os.path.getsize(f) for f in hf.weight_files(base_dir))
+  # Each iteration's checkpoint: the adapters and a reference to the run's base.
+  for k in (1, 2):
+    meta = checkpoint.read_meta(pop_dir(k))
+    assert meta.lora["rank"] == 4 and meta.base_ref.path == base_dir
+    assert sorted(os.listdir(pop_dir(k))) == ["maft.json", "params", "tokenizer"]
+    params_bytes = sum(os.path.getsize(os.path.join(r, n))
+                       for r, _, ns in os.walk(os.path.join(pop_dir(k), "params")) for n in ns)
+    assert params_bytes < base_bytes  # 4 agents' adapters, not 4 copies of the base
+
+  # A copy (the stages below write training checkpoints into its workdir),
+  # which also finds its base by the references' relative paths.
+  copy = str(tmp_path / "copy")
+  shutil.copytree(work, copy)
+  plan = config.validate(json.loads(pathlib.Path(copy, "config.json").read_text()))
+  env = stages.Env(plan, copy, loop.base_source(plan, copy, progress=False), progress=False)
+  pop_dir = lambda k: os.path.join(copy, f"iter_{k:02d}", "finetune", "population")  # noqa
+  with env.placement.context():
+    # Iteration 2 trained iteration 1's adapters further (init=previous):
+    # its finetune stage, redone from them, gives the saved adapters; from the
+    # base population's adapters it would not.
+    saved = env.load_checkpoint(pop_dir(2))
+    assert checkpoint.read_meta(pop_dir(2)).base_ref.path == os.path.join(copy, "demo_base")
+    state = os.path.join(copy, "iter_02", "finetune_state")
+    redo, again = tmp_path / "redo", tmp_path / "from_base"
+    for d in (redo, again):
+      d.mkdir()
+    record, pop2 = stages.finetune(env, 2, env.load_checkpoint(pop_dir(1)), str(redo))
+    shutil.rmtree(state)
+    assert isinstance(pop2, population.Adapted) and pop2.base is saved.base  # held once
+    assert records[7]["final_loss"] == pytest.approx(record.final_loss, rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), pop2.adapters,
+                 saved.adapters)
+    _, other = stages.finetune(env, 2, env.load_base(), str(again))
+    shutil.rmtree(state)
+    trained = [a for a, e in enumerate(records[7]["examples"]) if e]
+    assert trained and not any(
+        np.array_equal(np.asarray(x)[a], np.asarray(y)[a]) for a in trained
+        for x, y in zip(jax.tree.leaves(other.adapters), jax.tree.leaves(saved.adapters)))
+  # Its evaluation was that of the merged agents (the saved adapters folded
+  # into the base): launch.evaluate of the checkpoint under a config without
+  # LoRA merges them.
+  out = tmp_path / "eval.json"
+  cli.run("evaluate", CONFIG, f"--checkpoint={pop_dir(2)}", f"--output={out}")
+  got, want = json.loads(out.read_text()), records[8]
+  for key in ("round1_accuracy", "final_accuracy", "debate_accuracy", "consensus_rate",
+              "distinct_answers"):
+    assert got[key] == want[key], key
+  np.testing.assert_allclose(got["cross_nll"], want["cross_nll"], rtol=1e-5)
+  # Its adapters in the PEFT format, over the base written beside them.
+  cli.run("export_hf", f"--checkpoint={pop_dir(2)}", "--agent=3", "--format=peft",
+          f"--out={tmp_path / 'peft'}")
+  assert sorted(os.listdir(tmp_path / "peft")) == ["adapter", "base"]
+  assert (tmp_path / "peft" / "adapter" / "adapter_model.safetensors").is_file()
+
+  # Killed in iteration 2's finetuning and resumed: the same records.
+  killed = copy
+  for stage in ("finetune", "eval"):
+    shutil.rmtree(os.path.join(killed, "iter_02", stage))
+  state = os.path.join(killed, "iter_02", "finetune_state")
+  _kill_when(killed, lambda: os.path.isdir(state) and any(n.isdigit() for n in os.listdir(state)),
+             LORA)
+  assert not os.path.exists(os.path.join(killed, "iter_02", "finetune"))
+  cli.run("train", CONFIG, LORA, f"--workdir={killed}", "--noprogress", "--noreport")
+  assert cli.records(killed, timing=False) == records
 
 
 def test_star_through_launch_train(tmp_path):

@@ -37,8 +37,10 @@ training problems and drops problems without an answer; we evaluate on a
 disjoint held-out split and count an unanswered problem as wrong.
 
 Full finetuning of 6 agents of an 8B model needs a pod slice (see README,
-"Running on a pod") or LoRA on one card: --config.finetune.lora_rank=16 (one
-base, adapters per agent). Then: python -m launch.report --workdir=DIR
+"Running on a pod") or LoRA on one card: configs/paper.py:model=llama3,lora=16
+(one frozen base, rank-16 adapters per agent, sampling batches of 8 and
+finetuning microbatches of 1 x 16 accumulated: the same 16 rows per step;
+`launch.train --dry_run` plans it at ~76 GB on an 80 GB device). Then: python -m launch.report --workdir=DIR
 """
 
 import ml_collections
@@ -53,7 +55,7 @@ TASKS = ("arithmetic", "gsm8k", "math")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = methods.parse(arg, model="llama3", task="gsm8k", method="maft")
+  a = methods.parse(arg, model="llama3", task="gsm8k", method="maft", lora="0")
   if a["model"] not in MODELS:
     raise ValueError(f"model={a['model']!r}; models: {', '.join(MODELS)}")
   if a["task"] not in TASKS:
@@ -83,4 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune.epochs, c.finetune.learning_rate, c.finetune.warmup_frac = 2, 1e-5, 0.03
   c.finetune.batch_size, c.finetune.grad_accum, c.finetune.seq_len = 4, 4, 2048
   c.selection.mode, c.selection.critic_weight = "paper", 0.5
+  if int(a["lora"]):  # one 80 GB card: one base + adapters, smaller batches, same step
+    c.finetune.lora_rank = int(a["lora"])
+    c.debate.batch_size = c.eval.batch_size = 8
+    c.finetune.batch_size, c.finetune.grad_accum = 1, 16
   return methods.apply(c, a["method"])

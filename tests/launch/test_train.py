@@ -345,6 +345,15 @@ def test_dry_run_refuses_one_device_and_fits_a_64_chip_mesh(tmp_path):
   assert "note:" not in one.stdout
   assert not (tmp_path / "run").exists()
 
+  # With LoRA the same 6 agents are one bf16 base and their adapters, and fit one card.
+  (model_dir / "config.json").write_text(json.dumps(
+      dict(presets.hf_config("llama-3-8b"), torch_dtype="bfloat16")))  # as published
+  lora = cli.run("train", args[0] + ",lora=16", *args[1:], "--device_memory_gb=80")
+  # 8.03B x 2 bytes, plus 6 x 42M adapter parameters x 4 bytes (Adam: x 2 more).
+  assert "parameters (base+adapters)  17.07" in lora.stdout
+  assert "optimizer state              2.01" in lora.stdout
+  assert "-> fits" in lora.stdout
+
 
 def _floats_close(a, b, path=""):
   """Equal JSON values, floats to 1e-5 relative (collectives may sum in another order)."""

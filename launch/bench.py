@@ -24,7 +24,8 @@ time against the first A and speed against the A full copies.
 weights and AdamW state, for A = 1, 2, 4, 8 agents, plus LoRA rows (rank 16,
 all projections, one shared frozen base held in bf16). `--lora_only` runs
 only LoRA rows, one per --agents count: the memory check for many agents of
-a 7-8B model on one card. It prints trained tok/s, MFU
+a 7-8B model on one card (with --what=sample: LoRA sampling alone, where A
+full copies would not fit). It prints trained tok/s, MFU
 (6·P·tokens over the card's dense bf16 peak: --peak_tflops, default the
 datasheet value for H100/H200, else the matmul rate measured in the run), the
 vmapped-vs-sequential ratio and peak device memory; `--peer` also runs
@@ -64,8 +65,9 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Train: dense bf16 peak of the c
 _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized workload.")
 _LORA = flags.DEFINE_bool("lora", False, "Sample: also LoRA populations (one base + A rank-16 "
                           "adapters) for every A, side by side with the full copies.")
-_LORA_ONLY = flags.DEFINE_bool("lora_only", False, "Train: only the LoRA rows, for every "
-                               "--agents count (e.g. 8 agents of --arch=llama-3-8b on one card).")
+_LORA_ONLY = flags.DEFINE_bool("lora_only", False, "Only the LoRA rows, for every --agents "
+                               "count (train: e.g. 8 agents of --arch=llama-3-8b on one card; "
+                               "sample: where A full copies do not fit).")
 _PEER = flags.DEFINE_bool("peer", False, "Also run the HF peer (benchmarks/peers/) in this "
                           "command: hf_generate_peer.py for sample, hf_train_peer.py for train.")
 _AGENTS = flags.DEFINE_list("agents", None, "Agent counts (default 1,2,4,8; tiny 1,2).")
@@ -181,7 +183,7 @@ def bench_sample():
   kw = dict(cfg=cfg, method=method, max_new_tokens=N, stop_ids=(), pad_id=0)
 
   rows = []
-  for A in agents:
+  for A in [] if _LORA_ONLY.value else agents:
     pop = population.init(cfg, jax.random.key(1), A)
     run = lambda p=pop: sampling.sample(p, prompts, mask, jax.random.key(2), **kw).tokens  # noqa
     t_pop = median_time(run, repeats)
@@ -193,10 +195,11 @@ def bench_sample():
     rows.append((A, A * B * N / t_pop, floor / t_pop, t_seq / t_pop, t_pop))
     del pop, singles
   lora_rows = bench_sample_lora(cfg, agents, prompts, mask, kw, dict((r[0], r[4]) for r in rows),
-                                bw, flops) if _LORA.value else []
+                                bw, flops) if _LORA.value or _LORA_ONLY.value else []
   print(f"\nsampling: {'tiny' if tiny else _ARCH.value} ({num_params / 1e6:.1f}M params/agent), "
         f"{B} prompts x {T} tokens per agent, {N} new tokens, T=0.8 top-p 0.95, bf16")
-  print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {'vs sequential':>14} {'seconds':>8}")
+  if rows:
+    print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {'vs sequential':>14} {'seconds':>8}")
   for A, tps, frac, ratio, t in rows:
     print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {ratio:>13.2f}x {t:>8.3f}")
   if lora_rows:
@@ -205,7 +208,8 @@ def bench_sample():
     print(f"{'agents':>6} {'tok/s':>12} {'roofline':>9} {f'step vs A={agents[0]}':>12} "
           f"{'vs full copies':>15} {'seconds':>8}")
     for A, tps, frac, per_step, vs_full, t in lora_rows:
-      print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {per_step:>11.2f}x {vs_full:>14.2f}x {t:>8.3f}")
+      full = f"{vs_full:>14.2f}x" if vs_full is not None else f"{'-':>15}"
+      print(f"{A:>6} {tps:>12,.0f} {frac:>8.1%} {per_step:>11.2f}x {full} {t:>8.3f}")
   print(top_p_line(method, rows=4 * B, vocab=cfg.vocab_size, repeats=repeats))
   if _DUMP_HLO.value:
     pop = population.shapes(cfg, 4)
@@ -213,7 +217,7 @@ def bench_sample():
                                                       cache_len=T + N), pop)
     dump_hlo(sampling.decode.lower(pop, state, jax.random.key(2), cfg=cfg, method=method,
                                    max_new_tokens=N))
-  if _PEER.value:
+  if _PEER.value and rows:
     A_ref = 4 if 4 in agents else agents[-1]
     peer = run_peer(_ARCH.value, A_ref, B, T, N)
     ours = dict((r[0], r[1]) for r in rows)[A_ref]
@@ -244,7 +248,8 @@ def bench_sample_lora(cfg, agents, prompts, mask, kw, full_seconds, bw, flops):
     per_agent = lora.count(adapters) // A
     floor = roofline_seconds(cfg, num_params + A * per_agent, num_params + per_agent, A, B, T, N,
                              bw, flops)
-    out.append((A, A * B * N / t, floor / t, t / first, full_seconds[A] / t, t))
+    full = full_seconds[A] / t if A in full_seconds else None  # None: --lora_only
+    out.append((A, A * B * N / t, floor / t, t / first, full, t))
     del pop, adapters
   return out
 

@@ -2,6 +2,8 @@
 transformers on what a debate feeds it, and one MAFT iteration of it through
 launch.train. One xdist group: one worker converts the model and runs them all."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,12 @@ def test_one_maft_iteration_of_the_real_model(smollm2_dir, tmp_path):
   check_stage_records(work, 1, critic_weight=0.5, tokenizer=Tokenizer(smollm2_dir))
   finetune = records[3]
   assert [s > 0 for s in finetune["steps"]] == [e > 0 for e in finetune["examples"]]
+  # LoRA-native: the iteration's checkpoint is the 4 agents' adapters over the
+  # one base, referenced (not 4 merged copies of 135M parameters).
+  from maft_jax import checkpoint
+  pop_dir = os.path.join(work, "iter_01", "finetune", "population")
+  meta = checkpoint.read_meta(pop_dir)
+  assert meta.lora["rank"] == 8 and meta.base_ref.path == os.path.abspath(smollm2_dir)
+  adapters = sum(os.path.getsize(os.path.join(r, n))
+                 for r, _, ns in os.walk(os.path.join(pop_dir, "params")) for n in ns)
+  assert adapters < 50e6  # 4 x 2.4M adapter parameters x 4 bytes, and orbax's files

@@ -187,13 +187,14 @@ def bench_sample():
     pop = population.init(cfg, jax.random.key(1), A)
     run = lambda p=pop: sampling.sample(p, prompts, mask, jax.random.key(2), **kw).tokens  # noqa
     t_pop = median_time(run, repeats)
-    # The same agents one after another (each its own 1-agent program call).
-    singles = [population.stack([population.select(pop, i)]) for i in range(A)]
-    t_seq = median_time(lambda: [sampling.sample(s, prompts, mask, jax.random.key(2), **kw).tokens
-                                 for s in singles], repeats)
+    # The same agents one after another (each its own 1-agent program call),
+    # each sliced out as it is used, so memory holds one more agent, not A.
+    t_seq = median_time(lambda: [sampling.sample(population.take(pop, i, i + 1), prompts, mask,
+                                                 jax.random.key(2), **kw).tokens
+                                 for i in range(A)], repeats)
     floor = roofline_seconds(cfg, A * num_params, num_params, A, B, T, N, bw, flops)
     rows.append((A, A * B * N / t_pop, floor / t_pop, t_seq / t_pop, t_pop))
-    del pop, singles
+    del pop
   lora_rows = bench_sample_lora(cfg, agents, prompts, mask, kw, dict((r[0], r[4]) for r in rows),
                                 bw, flops) if _LORA.value or _LORA_ONLY.value else []
   print(f"\nsampling: {'tiny' if tiny else _ARCH.value} ({num_params / 1e6:.1f}M params/agent), "
